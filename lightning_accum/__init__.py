@@ -1,0 +1,6 @@
+"""Exact item-weighted gradients for PyTorch Lightning under accumulation, DDP and mixed precision."""
+
+from lightning_accum.callback import SampleCountRescaler
+from lightning_accum.mixin import SampleCountMixin
+
+__all__ = ["SampleCountMixin", "SampleCountRescaler"]

@@ -1,0 +1,78 @@
+"""Count the items of one micro-batch: the sum of the counted item losses and how many items count.
+
+The mask the loss uses is the only source of the count, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def validate_item_losses(losses: Tensor, mask: Tensor | None) -> None:
+    """Raise a ``ValueError`` naming the fix when ``losses``/``mask`` cannot be counted item by item.
+
+    Checks that need no host synchronisation run here; the 0/1 check of a non-bool mask is queued on
+    the device (``torch._assert_async``) so it costs no sync on an accelerator.
+
+    Example::
+
+        >>> validate_item_losses(torch.tensor(0.5), None)
+        Traceback (most recent call last):
+        ...
+        ValueError: sample_loss expects one loss per item ...
+    """
+    if not isinstance(losses, Tensor):
+        raise TypeError(f"sample_loss expects a tensor of per-item losses, got {type(losses).__name__}.")
+    if losses.ndim == 0:
+        raise ValueError(
+            "sample_loss expects one loss per item (a tensor with at least one dimension), got a 0-dim "
+            "tensor, which is already a mean. Compute the loss with reduction='none', e.g. "
+            "F.cross_entropy(logits, target, reduction='none')."
+        )
+    if not losses.is_floating_point():
+        raise TypeError(f"sample_loss expects floating-point losses, got dtype {losses.dtype}.")
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a tensor of the same shape as losses, got {type(mask).__name__}.")
+    if mask.shape != losses.shape:
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)} but losses have shape {tuple(losses.shape)}; pass one "
+            "mask entry per item loss (same shape), e.g. mask=target != -100."
+        )
+    if mask.dtype == torch.bool:
+        return
+    if mask.is_complex():
+        raise TypeError(f"mask must be bool or hold only 0 and 1, got dtype {mask.dtype}.")
+    torch._assert_async(
+        ((mask == 0) | (mask == 1)).all(),
+        "mask must be bool or hold only 0 and 1; for per-item weights use a bool mask and weight the losses",
+    )
+
+
+def masked_sum_and_count(losses: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Return ``(sum of the counted item losses, number of counted items)`` as 0-dim tensors.
+
+    The sum keeps the autograd graph and is accumulated in at least float32, so half-precision
+    per-item losses do not overflow when summed. Items outside the mask contribute exactly zero,
+    even when their loss is ``nan`` or ``inf``. The count is a float64 tensor on the losses' device.
+
+    Example::
+
+        >>> losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, float("nan")]])
+        >>> mask = torch.tensor([[True, True, False], [True, False, False]])
+        >>> masked_sum_and_count(losses, mask)
+        (tensor(7.), tensor(3., dtype=torch.float64))
+        >>> masked_sum_and_count(torch.tensor([0.5, 1.5]))
+        (tensor(2.), tensor(2., dtype=torch.float64))
+    """
+    validate_item_losses(losses, mask)
+    sum_dtype = torch.promote_types(losses.dtype, torch.float32)
+    count_dtype = torch.float32 if losses.device.type == "mps" else torch.float64
+    if mask is None:
+        count = torch.tensor(float(losses.numel()), dtype=count_dtype, device=losses.device)
+        return losses.sum(dtype=sum_dtype), count
+    counted = mask if mask.dtype == torch.bool else mask != 0
+    loss_sum = torch.where(counted, losses, torch.zeros((), dtype=losses.dtype, device=losses.device))
+    return loss_sum.sum(dtype=sum_dtype), counted.sum(dtype=count_dtype)
