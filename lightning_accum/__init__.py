@@ -2,5 +2,6 @@
 
 from lightning_accum.callback import SampleCountRescaler
 from lightning_accum.mixin import SampleCountMixin
+from lightning_accum.sampler import GlobalBatchSampler
 
-__all__ = ["SampleCountMixin", "SampleCountRescaler"]
+__all__ = ["GlobalBatchSampler", "SampleCountMixin", "SampleCountRescaler"]

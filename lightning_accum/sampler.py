@@ -1,0 +1,278 @@
+"""``GlobalBatchSampler``: each optimizer step gets the same samples however the effective batch is split.
+
+The epoch's order is one permutation of the whole dataset, seeded by ``seed + epoch`` and independent of
+the world size. It is cut into windows of ``E = num_replicas * accumulate_grad_batches * micro_batch_size``
+samples, one window per optimizer step. A window is cut into ``num_replicas * m`` consecutive micro-batches
+(``m = accumulate_grad_batches`` for a full window) whose sizes differ by at most one, and micro-batch
+``q`` goes to rank ``q % num_replicas``. So the union of a step's micro-batches over all ranks is the
+window, whatever the split. The last, partial window gets ``m = ceil(n / (num_replicas * micro_batch_size))``
+micro-batches on every rank; a micro-batch left with no sample holds the padding index ``PAD_INDEX``,
+which datasets turn into a placeholder that the loss mask excludes. Every sample appears exactly once
+per epoch and every rank runs the same number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+PAD_INDEX = -1
+"""The index yielded for a padding slot: the dataset returns a placeholder sample flagged ``valid=False``."""
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+    return value
+
+
+def window_micro_batches(window: list[int], num_replicas: int, rank: int, micro_batch_size: int) -> list[list[int]]:
+    """Return ``rank``'s micro-batches of one step's ``window`` of sample indices.
+
+    The window is cut into ``num_replicas * m`` consecutive micro-batches with
+    ``m = ceil(len(window) / (num_replicas * micro_batch_size))``, sizes as equal as possible (at most
+    ``micro_batch_size``); micro-batch ``q`` belongs to rank ``q % num_replicas``. A micro-batch without
+    a sample is ``[PAD_INDEX]``.
+
+    Example::
+
+        >>> window_micro_batches([5, 3, 8, 1, 9, 0, 2, 7], num_replicas=2, rank=0, micro_batch_size=2)
+        [[5, 3], [9, 0]]
+        >>> window_micro_batches([5, 3, 8, 1, 9, 0, 2, 7], num_replicas=2, rank=1, micro_batch_size=2)
+        [[8, 1], [2, 7]]
+        >>> window_micro_batches([5, 3, 8], num_replicas=2, rank=1, micro_batch_size=2)  # 3 items on 2 ranks
+        [[8]]
+        >>> window_micro_batches([5], num_replicas=2, rank=1, micro_batch_size=2)  # rank 1 runs short
+        [[-1]]
+    """
+    slots = num_replicas * math.ceil(len(window) / (num_replicas * micro_batch_size))
+    base, extra = divmod(len(window), slots)
+    batches = []
+    for q in range(rank, slots, num_replicas):
+        start = q * base + min(q, extra)
+        end = start + base + (q < extra)
+        batches.append(window[start:end] or [PAD_INDEX])
+    return batches
+
+
+class EpochPermutation(Sampler[int]):
+    """The epoch's global order of all ``dataset_size`` indices, the same on every rank and for every split.
+
+    ``GlobalBatchSampler`` keeps one as its ``sampler`` attribute, where Lightning calls ``set_epoch``
+    at each epoch start (``batch_sampler.sampler.set_epoch``).
+
+    Example::
+
+        >>> order = EpochPermutation(5, shuffle=False)
+        >>> list(order)
+        [0, 1, 2, 3, 4]
+        >>> shuffled = EpochPermutation(5, shuffle=True, seed=1)
+        >>> first = list(shuffled)
+        >>> shuffled.set_epoch(1)
+        >>> sorted(first) == sorted(shuffled) and first != list(shuffled)
+        True
+    """
+
+    def __init__(self, dataset_size: int, shuffle: bool = True, seed: int = 0) -> None:
+        self.dataset_size = _positive_int("dataset_size", dataset_size)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"`seed` must be an int, got {seed!r}.")
+        self.shuffle = bool(shuffle)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose permutation ``__iter__`` yields (seeded by ``seed + epoch``)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"`epoch` must be a non-negative int, got {epoch!r}.")
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        """Return the epoch's order as a list."""
+        if not self.shuffle:
+            return list(range(self.dataset_size))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.randperm(self.dataset_size, generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        return self.dataset_size
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Batch sampler for one rank: each optimizer step consumes the same samples for any split of its batch.
+
+    For a fixed effective batch ``E = num_replicas * accumulate_grad_batches * micro_batch_size``, seed
+    and epoch, the samples of every optimizer step (all micro-batches of its window on all ranks) are the
+    same set whatever the split: 1 x 1 x E, 1 x 4 x E/4, 2 x 2 x E/4, ... Every sample is used once
+    per epoch; ``drop_last=True`` drops the last window when it holds fewer than ``E`` samples. Where
+    the last window leaves a rank's micro-batch empty it yields ``[PAD_INDEX]`` (``-1``) instead, and
+    every rank yields the same number of micro-batches, so DDP cannot hang.
+
+    Use it with ``DataLoader(dataset, batch_sampler=GlobalBatchSampler(...))`` and
+    ``Trainer(use_distributed_sampler=False, accumulate_grad_batches=<the same K>)``. Lightning calls
+    ``set_epoch`` on ``batch_sampler.sampler`` at every epoch start. ``state_dict``/``load_state_dict``
+    save and restore the epoch and position; they count the micro-batches this sampler has yielded,
+    which equals the micro-batches trained when the ``DataLoader`` has ``num_workers=0``.
+
+    Args:
+        dataset_size: number of samples in the dataset.
+        micro_batch_size: largest number of samples in one micro-batch (the DataLoader's batch size).
+        accumulate_grad_batches: micro-batches per rank per optimizer step; the Trainer's K.
+        num_replicas: world size; default ``torch.distributed``'s world size if initialized, else 1.
+        rank: this process's rank; default ``torch.distributed``'s rank if initialized, else 0.
+        shuffle: shuffle the global order every epoch (seeded by ``seed + epoch``).
+        seed: the shuffling seed; must be the same on every rank.
+        drop_last: drop the last window when it holds fewer than ``E`` samples.
+
+    Example::
+
+        >>> one = GlobalBatchSampler(10, micro_batch_size=4, shuffle=False)
+        >>> list(one)
+        [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+        >>> ranks = [GlobalBatchSampler(10, 2, accumulate_grad_batches=1, num_replicas=2, rank=r, shuffle=False)
+        ...          for r in (0, 1)]
+        >>> [list(s) for s in ranks]  # the same 3 steps of samples {0..3}, {4..7}, {8, 9}
+        [[[0, 1], [4, 5], [8]], [[2, 3], [6, 7], [9]]]
+        >>> list(GlobalBatchSampler(5, 2, num_replicas=2, rank=1, shuffle=False))  # rank 1 runs short
+        [[2, 3], [-1]]
+    """
+
+    def __init__(
+        self,
+        dataset_size: int,
+        micro_batch_size: int,
+        accumulate_grad_batches: int = 1,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        self.micro_batch_size = _positive_int("micro_batch_size", micro_batch_size)
+        self.accumulate_grad_batches = _positive_int("accumulate_grad_batches", accumulate_grad_batches)
+        distributed = dist.is_available() and dist.is_initialized()
+        if num_replicas is None:
+            num_replicas = dist.get_world_size() if distributed else 1
+        if rank is None:
+            rank = dist.get_rank() if distributed else 0
+        self.num_replicas = _positive_int("num_replicas", num_replicas)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
+            raise ValueError(
+                f"`rank` must be an int in [0, {num_replicas - 1}] for num_replicas={num_replicas}, got {rank!r}."
+            )
+        self.rank = rank
+        self.sampler = EpochPermutation(dataset_size, shuffle=shuffle, seed=seed)
+        self.drop_last = bool(drop_last)
+        if self.drop_last and dataset_size < self.effective_batch_size:
+            raise ValueError(
+                f"drop_last=True drops every sample: dataset_size={dataset_size} is smaller than the effective batch "
+                f"num_replicas * accumulate_grad_batches * micro_batch_size = {self.effective_batch_size}. "
+                "Use drop_last=False or a smaller micro_batch_size or accumulate_grad_batches."
+            )
+        self._start = 0  # micro-batch index the next iteration starts at (set by load_state_dict)
+        self._yielded = 0  # micro-batches yielded so far in the current epoch
+
+    @property
+    def effective_batch_size(self) -> int:
+        """``E = num_replicas * accumulate_grad_batches * micro_batch_size``: samples per full optimizer step."""
+        return self.num_replicas * self.accumulate_grad_batches * self.micro_batch_size
+
+    @property
+    def dataset_size(self) -> int:
+        return self.sampler.dataset_size
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (same as ``sampler.set_epoch``); a pending resume position of another epoch is dropped."""
+        if epoch != self.epoch:
+            self._start = 0
+        self.sampler.set_epoch(epoch)
+
+    def _windows(self) -> tuple[int, int]:
+        """Return ``(number of full windows, samples in the last partial window)`` of one epoch."""
+        full, rest = divmod(self.dataset_size, self.effective_batch_size)
+        return full, 0 if self.drop_last else rest
+
+    def __len__(self) -> int:
+        full, rest = self._windows()
+        last = math.ceil(rest / (self.num_replicas * self.micro_batch_size))
+        return full * self.accumulate_grad_batches + last
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.sampler.indices()
+        size = self.effective_batch_size
+        full, rest = self._windows()
+        start, self._start = self._start, 0
+        self._yielded = start
+        position = 0
+        for step in range(full + (rest > 0)):
+            window = order[step * size : (step + 1) * size]
+            for batch in window_micro_batches(window, self.num_replicas, self.rank, self.micro_batch_size):
+                if position >= start:
+                    self._yielded += 1
+                    yield batch
+                position += 1
+        self._yielded = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return the epoch and the number of micro-batches yielded in it, with the layout they refer to."""
+        return {
+            "epoch": self.epoch,
+            "micro_batches": self._yielded,
+            "dataset_size": self.dataset_size,
+            "micro_batch_size": self.micro_batch_size,
+            "accumulate_grad_batches": self.accumulate_grad_batches,
+            "num_replicas": self.num_replicas,
+            "shuffle": self.sampler.shuffle,
+            "seed": self.sampler.seed,
+            "drop_last": self.drop_last,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume: the next iteration continues the saved epoch after the saved position.
+
+        The dataset size, shuffle, seed, drop_last and effective batch must match the saved ones. The split
+        (``num_replicas``, ``accumulate_grad_batches``, ``micro_batch_size``) may differ when the position
+        is at an optimizer-step boundary, which is where checkpoints are taken.
+        """
+        for key in ("dataset_size", "shuffle", "seed", "drop_last"):
+            if state_dict[key] != self._setting(key):
+                raise ValueError(
+                    f"Cannot resume: the saved sampler has {key}={state_dict[key]!r}, this one {self._setting(key)!r}. "
+                    f"Build the GlobalBatchSampler with {key}={state_dict[key]!r}."
+                )
+        saved_k = state_dict["accumulate_grad_batches"]
+        saved_e = state_dict["num_replicas"] * saved_k * state_dict["micro_batch_size"]
+        if saved_e != self.effective_batch_size:
+            raise ValueError(
+                f"Cannot resume: the saved effective batch is {saved_e} samples per step, this sampler's is "
+                f"{self.effective_batch_size}. Keep num_replicas * accumulate_grad_batches * micro_batch_size equal."
+            )
+        steps, within = divmod(state_dict["micro_batches"], saved_k)
+        same_split = (state_dict["num_replicas"], saved_k, state_dict["micro_batch_size"]) == (
+            self.num_replicas,
+            self.accumulate_grad_batches,
+            self.micro_batch_size,
+        )
+        if within and not same_split:
+            raise ValueError(
+                f"Cannot resume with a different split {within} micro-batches into an optimizer step; resume with "
+                "the saved num_replicas, accumulate_grad_batches and micro_batch_size, or from a step boundary."
+            )
+        self.sampler.set_epoch(state_dict["epoch"])
+        self._start = steps * self.accumulate_grad_batches + within
+        self._yielded = self._start
+
+    def _setting(self, key: str) -> Any:
+        return getattr(self.sampler, key) if key in ("shuffle", "seed") else getattr(self, key)
