@@ -1,0 +1,114 @@
+"""The guarantee: final parameters match the plain-PyTorch full-batch reference; naive Lightning does not."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lightning_cases import (
+    Case,
+    fit_case,
+    make_micro_batch,
+    make_net,
+    make_optimizer,
+    masked_ranks_case,
+    uneven_ranks_case,
+)
+from reference import flat_parameters, relative_distance, train_reference
+
+EXACT_TOLERANCE = 1e-5  # relative to the whole update, float32
+NAIVE_MINIMUM = 0.1  # the naive run must be visibly wrong, so the comparison can fail
+
+
+def distances(case: Case, strategy: str = "auto", devices: int = 1) -> tuple[float, float]:
+    """(exact, naive) relative distances of Lightning's final parameters to the reference."""
+    initial = flat_parameters(make_net())
+    reference = train_reference(
+        make_net(), case.reference_windows(), make_optimizer(case.optimizer, case.lr), case.clip_norm, case.clip_value
+    ).parameters
+    exact = flat_parameters(fit_case(case, exact=True, strategy=strategy, devices=devices))
+    naive = flat_parameters(fit_case(case, exact=False, strategy=strategy, devices=devices))
+    return relative_distance(exact, reference, initial), relative_distance(naive, reference, initial)
+
+
+def last_batch_smaller_case(k: int) -> Case:
+    """10 samples in batches of 3: micro-batches of 3, 3, 3, 1 every epoch."""
+    x, y, _ = make_micro_batch(10, seed=1)
+    plan = [[(x[i : i + 3], y[i : i + 3], None) for i in range(0, 10, 3)]]
+    return Case(plan=plan, accumulation=k, epochs=4)
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_last_batch_smaller_any_k(k: int) -> None:
+    exact, naive = distances(last_batch_smaller_case(k))
+    assert exact <= EXACT_TOLERANCE
+    if k == 1:  # one micro-batch per step in one process: the micro-batch mean already is the item mean
+        assert naive <= EXACT_TOLERANCE
+    else:
+        assert naive > NAIVE_MINIMUM
+
+
+def varied_sizes_plan(tokens: int | None = None, keep: float | None = None) -> list[list]:
+    sizes = [7, 1, 4, 2, 6, 1, 3]
+    return [[make_micro_batch(n, seed=i, tokens=tokens, keep=keep) for i, n in enumerate(sizes)]]
+
+
+def test_accumulation_schedule_changes_k_between_epochs() -> None:
+    case = Case(plan=varied_sizes_plan(), accumulation={0: 2, 1: 3, 2: 1, 3: 4}, epochs=4)
+    exact, naive = distances(case)
+    assert exact <= EXACT_TOLERANCE
+    assert naive > NAIVE_MINIMUM
+
+
+def test_token_masks_with_an_all_false_micro_batch() -> None:
+    plan = varied_sizes_plan(tokens=5, keep=0.5)
+    x, y, mask = plan[0][1]
+    plan[0][1] = (x, y, torch.zeros_like(mask))  # this micro-batch counts no token
+    exact, naive = distances(Case(plan=plan, accumulation=3, epochs=3, optimizer="adamw", lr=0.05))
+    assert exact <= EXACT_TOLERANCE
+    assert naive > NAIVE_MINIMUM
+
+
+@pytest.mark.parametrize("clip", [{"clip_norm": 0.3}, {"clip_value": 0.05}], ids=["norm", "value"])
+def test_gradient_clipping_acts_on_the_exact_gradient(clip: dict) -> None:
+    exact, naive = distances(Case(plan=varied_sizes_plan(), accumulation=3, epochs=3, **clip))
+    assert exact <= EXACT_TOLERANCE
+    assert naive > NAIVE_MINIMUM
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_float_mask_of_zeros_and_ones(optimizer: str) -> None:
+    plan = [[(x, y, m.float()) for x, y, m in varied_sizes_plan(tokens=3, keep=0.7)[0]]]
+    exact, _ = distances(Case(plan=plan, accumulation=4, epochs=2, optimizer=optimizer, lr=0.05))
+    assert exact <= EXACT_TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [uneven_ranks_case, masked_ranks_case])
+def test_ddp_spawn_two_ranks(case) -> None:
+    exact, naive = distances(case(), strategy="ddp_spawn", devices=2)
+    assert exact <= EXACT_TOLERANCE
+    assert naive > NAIVE_MINIMUM
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case_name", ["uneven_ranks_case", "masked_ranks_case"])
+def test_ddp_popen_two_ranks(case_name: str, tmp_path: Path) -> None:
+    import lightning_cases
+
+    case = getattr(lightning_cases, case_name)()
+    initial = flat_parameters(make_net())
+    reference = train_reference(
+        make_net(), case.reference_windows(), make_optimizer(case.optimizer, case.lr), case.clip_norm, case.clip_value
+    ).parameters
+    script = Path(__file__).with_name("ddp_fit.py")
+    results = {}
+    for mode in ("exact", "naive"):
+        out = tmp_path / f"{mode}.pt"
+        subprocess.run([sys.executable, str(script), case_name, mode, str(out)], check=True, cwd=tmp_path, timeout=300)
+        results[mode] = relative_distance(torch.load(out), reference, initial)
+    assert results["exact"] <= EXACT_TOLERANCE
+    assert results["naive"] > NAIVE_MINIMUM
