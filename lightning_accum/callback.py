@@ -18,6 +18,22 @@ from lightning_accum.window import ItemWindow
 SUPPORTED_STRATEGIES: tuple[type[Strategy], ...] = (SingleDeviceStrategy, DDPStrategy)
 
 
+def require_supported_strategy(strategy: Strategy) -> None:
+    """Raise unless the rescale can see the summed gradients of ``strategy`` before its optimizer step.
+
+    Example::
+
+        >>> from lightning.pytorch.strategies import SingleDeviceStrategy
+        >>> require_supported_strategy(SingleDeviceStrategy("cpu"))
+    """
+    if not isinstance(strategy, SUPPORTED_STRATEGIES):
+        raise RuntimeError(
+            f"SampleCountRescaler does not support the {type(strategy).__name__} strategy yet: it must "
+            "see the summed gradients before the optimizer step. Use a single device or "
+            "strategy='ddp' / 'ddp_spawn'."
+        )
+
+
 class SampleCountRescaler(Callback):
     """Rescale each optimizer step's gradient to the mean over all counted items of its window.
 
@@ -97,13 +113,7 @@ class SampleCountRescaler(Callback):
                 f"{type(pl_module).__name__} sets `automatic_optimization = False`. Remove that line, "
                 "or drop the callback and average by item count yourself."
             )
-        strategy = trainer.strategy
-        if not isinstance(strategy, SUPPORTED_STRATEGIES):
-            raise RuntimeError(
-                f"SampleCountRescaler does not support the {type(strategy).__name__} strategy yet: it must "
-                "see the summed gradients before the optimizer step. Use a single device or "
-                "strategy='ddp' / 'ddp_spawn'."
-            )
+        require_supported_strategy(trainer.strategy)
 
     # ------------------------------------------------------------------ per micro-batch
 
@@ -152,7 +162,8 @@ class SampleCountRescaler(Callback):
                 "(every mask was empty): skipped the update, optimizer state left untouched.",
                 category=UserWarning,
             )
-            pl_module.log(self.items_name, items.float(), on_step=True, on_epoch=False, batch_size=1)
+            # nan, not nothing: Lightning would otherwise re-log the previous step's cached loss.
+            self._log_step(pl_module, torch.full_like(items, float("nan")), items)
             return
         factor = window_rescale_factor(
             trainer.accumulate_grad_batches, trainer.world_size, self._items_per_micro_batch, items
@@ -160,15 +171,12 @@ class SampleCountRescaler(Callback):
         scale_gradients_([p.grad for p in params if p.grad is not None], factor)
         epoch = self._epoch_totals
         self._epoch_totals = totals if epoch is None else epoch.to(totals.device) + totals
-        pl_module.log(
-            self.loss_name,
-            (loss_sum / items).float(),
-            on_step=True,
-            on_epoch=False,
-            prog_bar=self.prog_bar,
-            batch_size=1,
-        )
-        pl_module.log(self.items_name, items.float(), on_step=True, on_epoch=False, batch_size=1)
+        self._log_step(pl_module, loss_sum / items, items)
+
+    def _log_step(self, pl_module: pl.LightningModule, loss: Tensor, items: Tensor) -> None:
+        log = pl_module.log
+        log(self.loss_name, loss.float(), on_step=True, on_epoch=False, prog_bar=self.prog_bar, batch_size=1)
+        log(self.items_name, items.float(), on_step=True, on_epoch=False, batch_size=1)
 
     # ------------------------------------------------------------------ per epoch
 

@@ -140,10 +140,18 @@ def uneven_ranks_case() -> Case:
 
 
 def masked_ranks_case() -> Case:
-    """Two ranks, per-token masks, K=3, AdamW, clipping: rank 1's share of the first window is empty."""
-    rank0 = [make_micro_batch(n, seed=100 + i, tokens=4, keep=0.6) for i, n in enumerate([3, 1, 4, 2, 5, 2])]
+    """Two ranks, per-token masks, K=3, AdamW, clipping; three windows per epoch.
+
+    Window 1: rank 1's share is empty. Window 2: both ranks count tokens. Window 3: empty on both
+    ranks, so no update at all.
+    """
+    keep0 = [0.6] * 6 + [0.0] * 3
+    keep1 = [0.0] * 3 + [0.3] * 3 + [0.0] * 3
+    sizes0, sizes1 = [3, 1, 4, 2, 5, 2, 1, 2, 3], [2, 2, 1, 3, 1, 4, 2, 1, 1]
+    rank0 = [
+        make_micro_batch(n, seed=100 + i, tokens=4, keep=p) for i, (n, p) in enumerate(zip(sizes0, keep0, strict=True))
+    ]
     rank1 = [
-        make_micro_batch(n, seed=200 + i, tokens=4, keep=0.0 if i < 3 else 0.3)
-        for i, n in enumerate([2, 2, 1, 3, 1, 4])
+        make_micro_batch(n, seed=200 + i, tokens=4, keep=p) for i, (n, p) in enumerate(zip(sizes1, keep1, strict=True))
     ]
     return Case(plan=[rank0, rank1], accumulation=3, epochs=3, optimizer="adamw", lr=0.05, clip_norm=0.5)

@@ -27,7 +27,7 @@ def item_losses(model: nn.Module, batch: MicroBatch) -> tuple[Tensor, Tensor]:
 
 @dataclass
 class ReferenceRun:
-    """Final parameters and, per optimizer step, the window's item-mean loss and item count."""
+    """Final parameters and, per window, its item-mean loss (nan when empty) and item count."""
 
     parameters: Tensor
     step_losses: list[float] = field(default_factory=list)
@@ -54,7 +54,9 @@ def train_reference(
             losses, mask = item_losses(model, batch)
             total = total + losses[mask].sum()
             items += int(mask.sum())
-        if items == 0:
+        if items == 0:  # no step; recorded so that logs can be compared window by window
+            run.step_losses.append(float("nan"))
+            run.step_items.append(0)
             continue
         optimizer.zero_grad()
         (total / items).backward()

@@ -1,0 +1,115 @@
+"""Logged values equal the reference's window means; empty windows; checkpoint state and resume."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning_cases import Case, ExactModule, fit_case, make_micro_batch, make_net, make_optimizer, masked_ranks_case
+from reference import ReferenceRun, flat_parameters, relative_distance, train_reference
+
+from lightning_accum import SampleCountRescaler
+
+
+def reference_run(case: Case) -> ReferenceRun:
+    return train_reference(
+        make_net(), case.reference_windows(), make_optimizer(case.optimizer, case.lr), case.clip_norm, case.clip_value
+    )
+
+
+def read_metrics(logger: CSVLogger) -> list[dict[str, str]]:
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def epoch_means(run: ReferenceRun, windows_per_epoch: int) -> list[float]:
+    means = []
+    for start in range(0, len(run.step_items), windows_per_epoch):
+        items = run.step_items[start : start + windows_per_epoch]
+        losses = run.step_losses[start : start + windows_per_epoch]
+        means.append(sum(loss * n for loss, n in zip(losses, items, strict=True) if n) / sum(items))
+    return means
+
+
+def assert_logs_match(rows: list[dict[str, str]], run: ReferenceRun, windows_per_epoch: int) -> None:
+    step_rows = [r for r in rows if r["train/items"]]
+    assert [int(float(r["train/items"])) for r in step_rows] == run.step_items
+    for row, expected in zip(step_rows, run.step_losses, strict=True):
+        if math.isnan(expected):
+            assert math.isnan(float(row["train/loss"]))  # an empty window's mean is undefined
+        else:
+            assert float(row["train/loss"]) == pytest.approx(expected, rel=1e-6)
+    epoch_rows = [float(r["train/loss_epoch"]) for r in rows if r["train/loss_epoch"]]
+    assert epoch_rows == pytest.approx(epoch_means(run, windows_per_epoch), rel=1e-6)
+
+
+def varied_case(epochs: int = 2) -> Case:
+    plan = [[make_micro_batch(n, seed=i, tokens=3, keep=0.6) for i, n in enumerate([7, 1, 4, 2, 6, 1, 3])]]
+    return Case(plan=plan, accumulation=3, epochs=epochs)
+
+
+def test_step_and_epoch_logs_are_global_item_means(tmp_path: Path) -> None:
+    case = varied_case()
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    fit_case(case, exact=True, logger=logger)
+    assert_logs_match(read_metrics(logger), reference_run(case), windows_per_epoch=3)
+
+
+@pytest.mark.slow
+def test_ddp_logs_are_not_inflated_by_world_size(tmp_path: Path) -> None:
+    case = masked_ranks_case()
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    fit_case(case, exact=True, strategy="ddp_spawn", devices=2, logger=logger)
+    assert_logs_match(read_metrics(logger), reference_run(case), windows_per_epoch=3)
+
+
+def test_empty_window_skips_the_update_and_keeps_optimizer_state() -> None:
+    plan = [
+        [
+            make_micro_batch(n, seed=i, tokens=3, keep=0.0 if 2 <= i < 4 else 0.6)
+            for i, n in enumerate([3, 2, 4, 1, 5, 2])
+        ]
+    ]
+    case = Case(plan=plan, accumulation=2, epochs=2, optimizer="adamw", lr=0.05)  # window 2 of each epoch is empty
+    trainer_net = make_net()
+    module = ExactModule(trainer_net, case)
+    trainer = pl.Trainer(
+        accelerator="cpu", max_epochs=case.epochs, accumulate_grad_batches=2, callbacks=[SampleCountRescaler()],
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="saw no counted items on any rank"):
+        trainer.fit(module)
+    adam_steps = {int(state["step"]) for state in trainer.optimizers[0].state.values()}
+    assert adam_steps == {4}  # 6 windows, 2 of them empty
+    reference = reference_run(case)
+    assert relative_distance(flat_parameters(trainer_net), reference.parameters, flat_parameters(make_net())) <= 1e-5
+
+
+def test_state_dict_round_trip_and_resume_match_an_uninterrupted_run(tmp_path: Path) -> None:
+    case = varied_case(epochs=4)
+    first = Case(plan=case.plan, accumulation=case.accumulation, epochs=2)
+    module = ExactModule(make_net(), first)
+    kwargs = dict(
+        accelerator="cpu", accumulate_grad_batches=3, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    rescaler = SampleCountRescaler()
+    trainer = pl.Trainer(max_epochs=2, callbacks=[rescaler], **kwargs)
+    trainer.fit(module)
+    path = tmp_path / "two_epochs.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=False)["callbacks"][rescaler.state_key]
+    assert saved == rescaler.state_dict()
+    assert saved["items_per_micro_batch"] == case.plan[0][0][2].sum().item()  # the first micro-batch's count
+
+    restored = SampleCountRescaler()
+    module.case = case
+    pl.Trainer(max_epochs=4, callbacks=[restored], **kwargs).fit(module, ckpt_path=path)
+    assert restored.state_dict()["items_per_micro_batch"] == saved["items_per_micro_batch"]
+    reference = reference_run(case)
+    assert relative_distance(flat_parameters(module.net), reference.parameters, flat_parameters(make_net())) <= 1e-5
