@@ -1,0 +1,69 @@
+"""Launch helpers for ``scripts/train.py``: one output folder per run under torchrun, logs from rank 0 only."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from datetime import timedelta
+
+RUN_STAMP_ENV = "LIGHTNING_ACCUM_RUN_STAMP"
+STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
+
+
+def process_rank(env: Mapping[str, str]) -> int:
+    """The global rank of this process: ``RANK`` (torchrun), else ``LOCAL_RANK`` (Lightning's ddp children).
+
+    Example::
+
+        >>> process_rank({}), process_rank({"LOCAL_RANK": "1"}), process_rank({"RANK": "3", "LOCAL_RANK": "1"})
+        (0, 1, 3)
+    """
+    return int(env.get("RANK", env.get("LOCAL_RANK", "0")))
+
+
+def nonzero_rank_overrides(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """Hydra overrides that keep a rank other than 0 from writing ``.hydra/`` and a job log file.
+
+    Example::
+
+        >>> nonzero_rank_overrides(["train.py"], {"RANK": "1"})
+        ['hydra.output_subdir=null', 'hydra/job_logging=none']
+        >>> nonzero_rank_overrides(["train.py"], {"RANK": "0"})
+        []
+    """
+    if process_rank(env) == 0:
+        return []
+    wanted = {"hydra.output_subdir": "hydra.output_subdir=null", "hydra/job_logging": "hydra/job_logging=none"}
+    given = {arg.split("=", 1)[0].lstrip("+~") for arg in argv[1:]}
+    return [override for key, override in wanted.items() if key not in given]
+
+
+def share_run_stamp(env: Mapping[str, str], timeout_s: float = 300.0) -> str | None:
+    """Under torchrun, return the run folder's time stamp chosen by rank 0 (``None`` outside torchrun).
+
+    Rank 0 takes the time and publishes it in torchrun's agent key-value store; the other ranks wait for
+    it, so all ranks of a job agree even when they start in different seconds. Without an agent store
+    the stamp is torchrun's run id, which every rank of a job shares.
+    """
+    run_id = env.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return None
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return f"torchrun_{run_id}"
+    from torch.distributed import TCPStore
+
+    store = TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False, timeout=timedelta(seconds=timeout_s))
+    key = f"lightning_accum/run_stamp/{run_id}/{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if process_rank(env) == 0:
+        store.set(key, time.strftime(STAMP_FORMAT))
+    return store.get(key).decode()
+
+
+def prepare_process(argv: list[str], env: os._Environ | dict[str, str]) -> None:
+    """Before Hydra starts: share the torchrun run stamp through ``env`` and quiet the non-zero ranks."""
+    if RUN_STAMP_ENV not in env:
+        stamp = share_run_stamp(env)
+        if stamp is not None:
+            env[RUN_STAMP_ENV] = stamp
+    argv.extend(nonzero_rank_overrides(argv, env))
