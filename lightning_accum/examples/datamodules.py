@@ -80,7 +80,7 @@ class ExampleDataModule(pl.LightningDataModule):
             self.train_set, self.val_set = self.build()
 
     def _ranks(self) -> tuple[int, int, int]:
-        trainer = self._trainer
+        trainer = self.trainer
         if trainer is None:
             return 1, 0, 0
         return trainer.world_size, trainer.global_rank, trainer.current_epoch
@@ -202,7 +202,7 @@ class TokenSequenceDataModule(ExampleDataModule):
 
     def __init__(
         self,
-        max_chars: int = 64,
+        max_chars: int = 80,
         min_chars: int = 16,
         num_val_samples: int = 64,
         data_seed: int = 0,

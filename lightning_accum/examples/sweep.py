@@ -29,12 +29,27 @@ def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
     return runs
 
 
-def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the summary: run folder, overrides, items seen, then every final metric.
+def label_runs(runs: list[dict[str, Any]]) -> list[str]:
+    """Label each run by the overrides that differ between runs; return the overrides all runs share.
 
     Example::
 
-        >>> header, rows = summary_rows([{"dir": "0", "overrides": ["a=1"], "metrics": {"val/loss": 0.5},
+        >>> runs = [{"overrides": ["k=1", "epochs=1"]}, {"overrides": ["k=2", "epochs=1"]}]
+        >>> label_runs(runs), [run["label"] for run in runs]
+        (['epochs=1'], ['k=1', 'k=2'])
+    """
+    shared = [o for o in runs[0]["overrides"] if all(o in run["overrides"] for run in runs)] if len(runs) > 1 else []
+    for run in runs:
+        run["label"] = " ".join(o for o in run["overrides"] if o not in shared) or "defaults"
+    return shared
+
+
+def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the summary: run folder, label (see ``label_runs``), items seen, every final metric.
+
+    Example::
+
+        >>> header, rows = summary_rows([{"dir": "0", "label": "a=1", "metrics": {"val/loss": 0.5},
         ...                               "history": [(10.0, 0.9)]}])
         >>> header, rows
         (['run', 'overrides', 'items_seen', 'val/loss'], [['0', 'a=1', '10', '0.5']])
@@ -45,7 +60,7 @@ def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
     for run in runs:
         items = f"{run['history'][-1][0]:.0f}" if run["history"] else ""
         values = [f"{run['metrics'][n]:.6g}" if n in run["metrics"] else "" for n in names]
-        rows.append([run["dir"], " ".join(run["overrides"]), items, *values])
+        rows.append([run["dir"], run["label"], items, *values])
     return header, rows
 
 
@@ -75,7 +90,7 @@ def plot_loss_vs_items(runs: list[dict[str, Any]], path: Path) -> None:
     for run in runs:
         if run["history"]:
             items, losses = zip(*run["history"], strict=True)
-            ax.plot(items, losses, label=f"{run['dir']}: {' '.join(run['overrides']) or 'defaults'}")
+            ax.plot(items, losses, label=f"{run['dir']}: {run['label']}")
     ax.set_xlabel("items seen")
     ax.set_ylabel("training loss (item mean per optimizer step)")
     ax.set_yscale("log")
@@ -93,10 +108,12 @@ class SweepSummary(Callback):
         runs = load_runs(sweep_dir)
         if not runs:
             return
+        shared = label_runs(runs)
         header, rows = summary_rows(runs)
         with (sweep_dir / "summary.csv").open("w", newline="") as f:
             csv.writer(f).writerows([header, *rows])
         table = markdown_table(header, rows)
         (sweep_dir / "summary.md").write_text(table + "\n")
         plot_loss_vs_items(runs, sweep_dir / "loss_vs_items.png")
-        print(f"\nSweep summary ({len(runs)} runs):\n{table}\n\nWritten to {sweep_dir}")
+        common = f" (all runs: {' '.join(shared)})" if shared else ""
+        print(f"\nSweep summary of {len(runs)} runs{common}:\n{table}\n\nWritten to {sweep_dir}")

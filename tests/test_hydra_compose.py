@@ -1,0 +1,149 @@
+"""Every option of every config group composes, and instantiates where this machine has the hardware."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from omegaconf import DictConfig
+
+from lightning_accum import SampleCountRescaler
+from lightning_accum.examples import Accumulation, ExampleDataModule
+from lightning_accum.examples.app import build
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def compose_train(tmp_path: Path, *overrides: str, hydra_config: bool = False) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(
+            "train", overrides=[f"paths.output_dir={tmp_path}", *overrides], return_hydra_config=hydra_config
+        )
+
+
+def test_every_group_has_its_options():
+    assert set(options("data")) >= {"regression", "digits", "tokens"}
+    assert set(options("model")) >= {"mlp", "causal_lm"}
+    assert set(options("accumulation")) == {"none", "fixed", "schedule"}
+    assert set(options("trainer")) >= {"cpu", "ddp_cpu", "gpu", "ddp_gpu", "torchrun"}
+    assert set(options("logger")) >= {"csv", "tensorboard"}
+    assert set(options("hydra/launcher")) >= {"parallel"}
+    for group in ("callbacks", "experiment", "debug"):
+        assert options(group)
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_data_options_instantiate_and_load(tmp_path, name):
+    cfg = compose_train(tmp_path, f"data={name}")
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, ExampleDataModule)
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["valid"].dtype == torch.bool and batch["valid"].all()
+
+
+@pytest.mark.parametrize(("model", "data"), [("mlp", "digits"), ("mlp", "regression"), ("causal_lm", "tokens")])
+def test_model_options_instantiate_with_a_partial_optimizer(tmp_path, model, data):
+    cfg = compose_train(tmp_path, f"model={model}", f"data={data}")
+    module = instantiate(cfg.model, **instantiate(cfg.data).model_kwargs())
+    optimizer = module.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults["lr"] == cfg.model.optimizer.lr
+
+
+@pytest.mark.parametrize(
+    ("name", "trainer_k", "scheduler"), [("none", 1, None), ("fixed", 4, None), ("schedule", 1, {0: 1, 1: 2, 2: 4})]
+)
+def test_accumulation_options_decide_k_in_one_place(tmp_path, name, trainer_k, scheduler):
+    cfg = compose_train(tmp_path, f"accumulation={name}")
+    assert isinstance(instantiate(cfg.accumulation), Accumulation)
+    _, _, trainer = build(cfg)
+    schedulers = [c for c in trainer.callbacks if isinstance(c, GradientAccumulationScheduler)]
+    assert trainer.accumulate_grad_batches == trainer_k
+    assert [s.scheduling for s in schedulers] == ([scheduler] if scheduler else [])
+    assert cfg.data.accumulate_grad_batches == cfg.accumulation.k  # the data module sees the same K
+
+
+def test_fixed_k_is_overridable_and_reaches_the_trainer_and_data(tmp_path):
+    cfg = compose_train(tmp_path, "accumulation.k=3", "data.sampler=global")
+    dm, _, trainer = build(cfg)
+    assert trainer.accumulate_grad_batches == 3 and dm.accumulate_grad_batches == 3
+    assert dm.train_dataloader().batch_sampler.effective_batch_size == 3 * cfg.data.micro_batch_size
+
+
+@pytest.mark.parametrize("key", ["accumulate_grad_batches=2", "use_distributed_sampler=false"])
+def test_trainer_config_cannot_set_what_accumulation_or_data_decide(tmp_path, key):
+    cfg = compose_train(tmp_path, "accumulation=schedule", "data.sampler=global", f"+trainer.{key}")
+    with pytest.raises(ValueError, match="decide"):
+        build(cfg)
+
+
+@pytest.mark.parametrize("name", options("trainer"))
+def test_trainer_options_compose_with_an_overridable_precision(tmp_path, name):
+    cfg = compose_train(tmp_path, f"trainer={name}", "trainer.precision=bf16-mixed")
+    assert cfg.trainer.precision == "bf16-mixed"
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        pytest.skip("no GPU on this machine: composed only")
+    _, _, trainer = build(cfg)
+    assert isinstance(trainer, pl.Trainer)
+    assert trainer.precision == "bf16-mixed"
+    expected_devices = {"cpu": 1, "ddp_cpu": 2, "torchrun": 1}.get(name)
+    if expected_devices:
+        assert trainer.num_devices == expected_devices
+
+
+def test_torchrun_trainer_takes_its_size_from_torchrun_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "3")
+    cfg = compose_train(tmp_path, "trainer=torchrun")
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy) == (4, 3, "ddp")
+
+
+@pytest.mark.parametrize("name", options("callbacks"))
+def test_callback_options_instantiate(tmp_path, name):
+    cfg = compose_train(tmp_path, f"callbacks={name}")
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    assert callbacks and all(isinstance(c, pl.Callback) for c in callbacks)
+
+
+@pytest.mark.parametrize("name", ["default", "minimal"])
+def test_callbacks_of_the_sample_count_models_hold_one_rescaler(tmp_path, name):
+    cfg = compose_train(tmp_path, f"callbacks={name}")
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    assert sum(isinstance(c, SampleCountRescaler) for c in callbacks) == 1
+
+
+@pytest.mark.parametrize("name", options("logger"))
+def test_logger_options_instantiate(tmp_path, name):
+    cfg = compose_train(tmp_path, f"logger={name}")
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    assert loggers and all(Path(lg.save_dir) == tmp_path for lg in loggers)
+
+
+@pytest.mark.parametrize("group", ["experiment", "debug"])
+def test_experiment_and_debug_options_build(tmp_path, group):
+    for name in options(group):
+        build(compose_train(tmp_path, f"{group}={name}"))
+
+
+@pytest.mark.parametrize(
+    ("name", "launcher"), [("basic", "BasicLauncher"), ("joblib", "JoblibLauncher"), ("parallel", "JoblibLauncher")]
+)
+def test_launcher_options_instantiate(tmp_path, name, launcher):
+    cfg = compose_train(tmp_path, f"hydra/launcher={name}", hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(launcher)
+    if name != "basic":  # Hydra refuses to instantiate its own basic launcher from a config
+        assert type(instantiate(cfg.hydra.launcher)).__name__ == launcher
+
+
+def test_sweep_summary_callback_is_configured(tmp_path):
+    cfg = compose_train(tmp_path, hydra_config=True)
+    assert type(instantiate(cfg.hydra.callbacks.sweep_summary)).__name__ == "SweepSummary"
