@@ -110,7 +110,7 @@ def relative_distance(run: SweepRun, reference: SweepRun) -> float:
     Example::
 
         >>> ref = SweepRun("ref", True, None, [], torch.zeros(2), torch.tensor([3.0, 4.0]))
-        >>> relative_distance(SweepRun("b", True, None, [], torch.zeros(2), torch.tensor([3.0, 4.5])), ref)
+        >>> round(relative_distance(SweepRun("b", True, None, [], torch.zeros(2), torch.tensor([3.0, 4.5])), ref), 6)
         0.1
     """
     return float((run.final - reference.final).norm() / (reference.final - reference.initial).norm())
