@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
@@ -25,7 +26,7 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     datamodule = instantiate(cfg.data)
     try:
         model = instantiate(cfg.model, **datamodule.model_kwargs())
-    except TypeError as err:
+    except InstantiationException as err:
         raise TypeError(
             f"model {cfg.model._target_} does not fit data {cfg.data._target_} "
             f"(which provides {datamodule.model_kwargs()}): {err}"

@@ -1,0 +1,115 @@
+"""scripts/train.py as users run it, in subprocesses: default run, -m sweeps, trainer=ddp_cpu and torchrun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "scripts" / "train.py")
+QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+
+
+def run(args: list[str], cwd: Path, timeout: float = 240) -> str:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return proc.stdout
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p.parent for p in root.rglob("metrics.json"))
+
+
+def final_parameters(run_dir: Path) -> torch.Tensor:
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    return torch.cat([state[k].flatten().double() for k in sorted(state)])
+
+
+@pytest.mark.slow
+def test_default_run_from_another_directory_prints_metrics_and_its_folder(tmp_path):
+    out = run([sys.executable, TRAIN], cwd=tmp_path)
+    assert "Final metrics:" in out
+    folder = Path(out.split("Output folder: ")[1].splitlines()[0])
+    assert folder.parent == tmp_path / "outputs" / "train" / "runs"
+    record = json.loads((folder / "metrics.json").read_text())
+    assert record["metrics"]["val/acc"] > 0.8  # digits, 5 epochs
+    assert (folder / ".hydra" / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_sweep_runs_every_combination_and_writes_a_summary(tmp_path):
+    args = ["-m", "accumulation=none,fixed", "data.micro_batch_size=16,64", "trainer.max_epochs=1", *QUIET]
+    out = run([sys.executable, TRAIN, *args, f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    (sweep,) = (tmp_path / "train" / "multirun").iterdir()
+    assert [p.name for p in run_dirs(sweep)] == ["0", "1", "2", "3"]
+    rows = {r["overrides"]: r for r in read_rows(sweep / "summary.csv")}
+    assert len(rows) == 4 and "Sweep summary of 4 runs" in out
+    assert (sweep / "summary.md").exists()
+    assert (sweep / "loss_vs_items.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {r["items_seen"] for r in rows.values()} == {"1500"}
+    # K=1 with micro-batches of 64 and K=4 with micro-batches of 16 are the same optimizer steps,
+    # including the last window of 1500 % 64 = 28 samples (16 + 12).
+    one = rows["accumulation=none data.micro_batch_size=64"]
+    four = rows["accumulation=fixed data.micro_batch_size=16"]
+    for name in ("train/loss", "train/loss_epoch", "val/loss"):
+        assert float(four[name]) == pytest.approx(float(one[name]), rel=1e-5)
+    assert float(rows["accumulation=none data.micro_batch_size=16"]["val/loss"]) != pytest.approx(
+        float(one["val/loss"]), rel=1e-2
+    )
+
+
+@pytest.mark.slow
+def test_parallel_launcher_sweep(tmp_path):
+    args = ["-m", "hydra/launcher=parallel", "accumulation=none,fixed", "debug=fast", *QUIET]
+    run([sys.executable, TRAIN, *args, f"paths.log_dir={tmp_path}"], cwd=tmp_path)
+    (sweep,) = (tmp_path / "debug" / "multirun").iterdir()
+    assert [p.name for p in run_dirs(sweep)] == ["0", "1"]
+    assert len(read_rows(sweep / "summary.csv")) == 2
+
+
+@pytest.mark.slow
+def test_ddp_cpu_run_writes_one_folder_from_rank_zero(tmp_path):
+    args = ["trainer=ddp_cpu", "debug=fast", *QUIET, f"paths.log_dir={tmp_path}"]
+    out = run([sys.executable, TRAIN, *args], cwd=tmp_path)
+    assert out.count("Final metrics:") == 1
+    (folder,) = (tmp_path / "debug" / "runs").iterdir()
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".hydra", "checkpoints", "csv", "history.csv", "metrics.json", "train.log"
+    ]  # fmt: skip
+    assert json.loads((folder / "metrics.json").read_text())["global_step"] == 2  # 8 batches, K=4
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one_process_of_the_same_effective_batch(tmp_path):
+    # Global windows of 64 digits: 1 process x K=4 x 16 and 2 processes x K=2 x 16, SGD with momentum.
+    common = ["experiment=digits_global", "trainer.max_epochs=2", *QUIET]
+    run([sys.executable, TRAIN, *common, "accumulation.k=4", f"paths.log_dir={tmp_path / 'one'}"], cwd=tmp_path)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", TRAIN, "trainer=torchrun"]
+    out = run([*torchrun, *common, "accumulation.k=2", f"paths.log_dir={tmp_path / 'two'}"], cwd=tmp_path)
+    assert out.count("Final metrics:") == 1
+    (one,) = run_dirs(tmp_path / "one")
+    (two,) = (tmp_path / "two" / "digits_global" / "runs").iterdir()  # one folder for both ranks
+    assert [p.name for p in two.glob("*.log")] == ["train.log"]  # no log file from rank 1
+    ref, dist = final_parameters(one), final_parameters(two)
+    assert (dist - ref).norm() / ref.norm() < 1e-5
+    ref_history, dist_history = read_rows(one / "history.csv"), read_rows(two / "history.csv")
+    assert len(ref_history) == len(dist_history) == 2 * 24  # ceil(1500 / 64) steps per epoch
+    for a, b in zip(ref_history, dist_history, strict=True):
+        assert a["items_seen"] == b["items_seen"]
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5)
+    assert float(ref_history[-1]["loss"]) < 0.5 * float(ref_history[0]["loss"])
