@@ -119,8 +119,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
     Use it with ``DataLoader(dataset, batch_sampler=GlobalBatchSampler(...))`` and
     ``Trainer(use_distributed_sampler=False, accumulate_grad_batches=<the same K>)``. Lightning calls
     ``set_epoch`` on ``batch_sampler.sampler`` at every epoch start. ``state_dict``/``load_state_dict``
-    save and restore the epoch and position; they count the micro-batches this sampler has yielded,
-    which equals the micro-batches trained when the ``DataLoader`` has ``num_workers=0``.
+    save and restore the epoch and position. The position counts the micro-batches this sampler has
+    yielded: with ``num_workers=0`` that is the micro-batches trained (at ``on_train_batch_end``); workers
+    run ahead, so there set ``state["micro_batches"]`` to the number trained in the epoch before resuming.
 
     Args:
         dataset_size: number of samples in the dataset.
