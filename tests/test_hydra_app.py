@@ -113,3 +113,12 @@ def test_torchrun_two_processes_equal_one_process_of_the_same_effective_batch(tm
         assert a["items_seen"] == b["items_seen"]
         assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5)
     assert float(ref_history[-1]["loss"]) < 0.5 * float(ref_history[0]["loss"])
+
+
+@pytest.mark.slow
+def test_sweep_of_ddp_jobs_is_refused_before_training(tmp_path):
+    args = [sys.executable, TRAIN, "-m", "trainer=ddp_cpu", "debug=fast", f"paths.log_dir={tmp_path}"]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "A -m sweep cannot run distributed jobs" in proc.stderr
+    assert not list(tmp_path.rglob("checkpoints"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +49,15 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
 
 
 def _check_launch(cfg: DictConfig) -> None:
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    devices = cfg.trainer.get("devices", 1)
-    if multirun and cfg.trainer.get("strategy") == "ddp" and devices not in (1, "1"):
+    """Refuse a sweep whose jobs would start processes that re-run the command line (and so the sweep)."""
+    if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
+        return
+    ddp_devices = cfg.trainer.get("strategy") == "ddp" and cfg.trainer.get("devices", 1) not in (1, "1")
+    if ddp_devices or int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(
-            "strategy='ddp' re-runs the command line for each rank, which would restart the whole sweep. "
-            "Run distributed configurations one at a time (without -m), or with torchrun."
+            "A -m sweep cannot run distributed jobs: strategy='ddp' and torchrun start every rank from the "
+            "command line, so each rank would run the whole sweep. Run distributed configurations one at a "
+            "time (without -m)."
         )
 
 
