@@ -8,6 +8,10 @@ Naive Lightning (per-micro-batch mean loss, Lightning's own ``DistributedSampler
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -141,3 +145,31 @@ def test_naive_runs_leave_the_reference(split: tuple[int, int, int], reference) 
     initial, final = reference
     distance = relative_distance(fit(split, exact=False), final, initial)
     assert distance > 0.05, f"split {split}: naive run is only {distance:.3f} of the update away from the reference"
+
+
+@pytest.mark.slow
+def test_invariance_experiment_writes_plot_and_distance_table(tmp_path) -> None:
+    """The real Hydra app: `-m experiment=invariance` on two splits, one epoch, in a subprocess."""
+    root = Path(__file__).resolve().parents[1]
+    command = [
+        sys.executable,
+        str(root / "scripts" / "train.py"),
+        "-m",
+        "experiment=invariance",
+        "split=1x1x16,2x2x4",
+        "trainer.max_epochs=1",
+        f"paths.log_dir={tmp_path}",
+    ]
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (sweep_dir,) = (tmp_path / "invariance" / "multirun").iterdir()
+    assert (sweep_dir / "invariance.png").stat().st_size > 10_000
+    rows = [line.split("|")[1:-1] for line in (sweep_dir / "invariance.md").read_text().splitlines()[2:]]
+    distances = {label.strip(): float(distance) for label, distance, _ in rows}
+    assert set(distances) == {
+        f"{mode} {split}" for mode in ("exact", "naive") for split in ("1 rank x K=1 x B=16", "2 ranks x K=2 x B=4")
+    }
+    assert distances["exact 1 rank x K=1 x B=16"] == 0.0
+    assert distances["exact 2 ranks x K=2 x B=4"] < 1e-5
+    assert distances["naive 1 rank x K=1 x B=16"] > 1e-2
+    assert distances["naive 2 ranks x K=2 x B=4"] > 1e-3
