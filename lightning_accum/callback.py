@@ -2,56 +2,53 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_accum.counting import masked_sum_and_count
+from lightning_accum.lookahead import lookahead_loss_factor, upcoming_batches
 from lightning_accum.scaling import scale_gradients_, window_rescale_factor
+from lightning_accum.support import require_supported_precision, require_supported_strategy
 from lightning_accum.window import ItemWindow
 
-SUPPORTED_STRATEGIES: tuple[type[Strategy], ...] = (SingleDeviceStrategy, DDPStrategy)
-
-
-def require_supported_strategy(strategy: Strategy) -> None:
-    """Raise unless the rescale can see the summed gradients of ``strategy`` before its optimizer step.
-
-    Example::
-
-        >>> from lightning.pytorch.strategies import SingleDeviceStrategy
-        >>> require_supported_strategy(SingleDeviceStrategy("cpu"))
-    """
-    if not isinstance(strategy, SUPPORTED_STRATEGIES):
-        raise RuntimeError(
-            f"SampleCountRescaler does not support the {type(strategy).__name__} strategy yet: it must "
-            "see the summed gradients before the optimizer step. Use a single device or "
-            "strategy='ddp' / 'ddp_spawn'."
-        )
+MODES = ("deferred", "lookahead")
 
 
 class SampleCountRescaler(Callback):
-    """Rescale each optimizer step's gradient to the mean over all counted items of its window.
+    """Make each optimizer step's gradient the mean over all counted items of its window.
 
     The window is every micro-batch since the last optimizer step, on every rank. The module's
-    ``training_step`` must return ``self.sample_loss(losses, mask)`` (see ``SampleCountMixin``).
-    Per optimizer step the callback does one all-reduce of ``[loss sum, item count]`` and one fused
-    in-place multiply of the gradients, after AMP unscaling and before gradient clipping. A window
-    whose global count is 0 leaves parameters and optimizer state untouched.
+    ``training_step`` returns ``self.sample_loss(losses, mask)`` (or, with manual optimization, calls
+    ``self.sample_backward(losses, mask)``; see ``SampleCountMixin``). Two modes reach the same gradient:
 
-    It logs, per optimizer step, ``loss_name`` (the window's global item-mean loss) and
-    ``items_name`` (its global item count), and at each epoch end ``epoch_loss_name`` (the
-    item-weighted mean over the epoch).
+    - ``"deferred"`` (default): per optimizer step one all-reduce of ``[loss sum, item count]`` and one
+      fused in-place multiply of the gradients, after AMP unscaling and before gradient clipping.
+    - ``"lookahead"``: before a window's first micro-batch, its batches are read ahead (held on the host,
+      up to ``K - 1`` of them) and counted with ``count_items`` (or the module's ``count_items``), the
+      count is all-reduced once, and every micro-batch loss is scaled exactly. Gradients are never
+      touched. At the step, one more all-reduce checks that count against the masks ``sample_loss`` saw
+      and gives the logged loss.
+
+    A window whose global count is 0 leaves parameters and optimizer state untouched. It logs, per
+    optimizer step, ``loss_name`` (the window's global item-mean loss) and ``items_name`` (its global
+    item count), and at each epoch end ``epoch_loss_name`` (the item-weighted mean over the epoch). A step
+    that fp16 loss scaling skips (inf/nan gradients) still logs its window, whose counts are then dropped.
 
     Args:
         loss_name: key of the per-step item-mean loss.
         items_name: key of the per-step global item count.
         epoch_loss_name: key of the epoch's item-weighted mean loss.
         prog_bar: show the per-step loss on the progress bar.
+        mode: ``"deferred"`` or ``"lookahead"``.
+        count_items: look-ahead only: ``count_items(batch) -> Tensor`` (a 0-dim count) for a batch as the
+            dataloader yields it and as ``training_step`` receives it; ``None`` uses the module's
+            ``count_items`` method. It must count what the ``sample_loss`` masks count (checked each step).
 
     Example::
 
@@ -59,6 +56,8 @@ class SampleCountRescaler(Callback):
         >>> rescaler = SampleCountRescaler(loss_name="loss/train")
         >>> trainer = pl.Trainer(accumulate_grad_batches=4, callbacks=[rescaler], logger=False,
         ...                      enable_checkpointing=False, enable_progress_bar=False)
+        >>> SampleCountRescaler(mode="lookahead", count_items=lambda batch: (batch["target"] != -100).sum()).mode
+        'lookahead'
     """
 
     def __init__(
@@ -67,6 +66,8 @@ class SampleCountRescaler(Callback):
         items_name: str = "train/items",
         epoch_loss_name: str = "train/loss_epoch",
         prog_bar: bool = True,
+        mode: Literal["deferred", "lookahead"] = "deferred",
+        count_items: Callable[[Any], Tensor] | None = None,
     ) -> None:
         names = {"loss_name": loss_name, "items_name": items_name, "epoch_loss_name": epoch_loss_name}
         for arg, name in names.items():
@@ -74,14 +75,22 @@ class SampleCountRescaler(Callback):
                 raise ValueError(f"`{arg}` must be a non-empty string, got {name!r}.")
         if len(set(names.values())) != len(names):
             raise ValueError(f"loss_name, items_name and epoch_loss_name must differ, got {names}.")
+        if mode not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
+        if count_items is not None and mode != "lookahead":
+            raise ValueError("`count_items` is only used with mode='lookahead'.")
         self.loss_name = loss_name
         self.items_name = items_name
         self.epoch_loss_name = epoch_loss_name
         self.prog_bar = prog_bar
+        self.mode = mode
+        self.count_items = count_items
         self._window = ItemWindow()
         self._items_per_micro_batch: Tensor | None = None
         self._epoch_totals: Tensor | None = None
         self._losses_this_batch = 0
+        self._lookahead_items: Tensor | None = None  # the window's global count, look-ahead mode
+        self._lookahead_k = 0
 
     @property
     def state_key(self) -> str:
@@ -107,41 +116,93 @@ class SampleCountRescaler(Callback):
                 f"`class {type(pl_module).__name__}(SampleCountMixin, L.LightningModule)` and return "
                 "`self.sample_loss(losses, mask)` from training_step."
             )
-        if not pl_module.automatic_optimization:
+        if self.mode == "lookahead" and not pl_module.automatic_optimization:
             raise RuntimeError(
-                "SampleCountRescaler works with automatic optimization only; "
-                f"{type(pl_module).__name__} sets `automatic_optimization = False`. Remove that line, "
-                "or drop the callback and average by item count yourself."
+                "SampleCountRescaler(mode='lookahead') needs automatic optimization, where Lightning decides "
+                f"the windows; {type(pl_module).__name__} sets `automatic_optimization = False`. Use the "
+                "default mode with `self.sample_backward(losses, mask)` in your training_step."
             )
         require_supported_strategy(trainer.strategy)
+        require_supported_precision(trainer.precision_plugin)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if len(trainer.optimizers) != 1:
+            raise RuntimeError(
+                f"SampleCountRescaler needs exactly one optimizer, {type(pl_module).__name__} configures "
+                f"{len(trainer.optimizers)}: one window of items cannot serve several optimizer steps."
+            )
 
     # ------------------------------------------------------------------ per micro-batch
 
     def record(self, pl_module: pl.LightningModule, losses: Tensor, mask: Tensor | None) -> Tensor:
-        """Count one micro-batch's items into the window and return the loss for ``training_step``."""
+        """Count one micro-batch's items into the window and return the loss to backpropagate."""
         loss_sum, items = masked_sum_and_count(losses, mask)
+        self._window.add(loss_sum, items)
+        self._losses_this_batch += 1
+        trainer = pl_module.trainer
+        if self.mode == "lookahead":
+            if self._lookahead_items is None:
+                raise RuntimeError("sample_loss was called outside a look-ahead window (no training batch started).")
+            factor = lookahead_loss_factor(self._lookahead_k, trainer.world_size, self._lookahead_items)
+            return loss_sum * factor.to(device=loss_sum.device, dtype=loss_sum.dtype)
         if self._items_per_micro_batch is None:
             # Once per run, on every rank at its first micro-batch: the global mean count, so that
             # all ranks divide by the same constant. It only sets the backward's magnitude.
-            mean_items = pl_module.trainer.strategy.reduce(items.clone(), reduce_op="mean")
+            mean_items = trainer.strategy.reduce(items.clone(), reduce_op="mean")
             self._items_per_micro_batch = mean_items.clamp_min(1.0)
         self._items_per_micro_batch = self._items_per_micro_batch.to(items.device)
-        unit = self._items_per_micro_batch.to(loss_sum.dtype)
-        self._window.add(loss_sum, items)
-        self._losses_this_batch += 1
-        return loss_sum / unit
+        return loss_sum / self._items_per_micro_batch.to(loss_sum.dtype)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._losses_this_batch = 0
+        if self.mode == "lookahead":
+            self._count_lookahead_window(trainer, pl_module, batch, batch_idx)
+
+    def _count_lookahead_window(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """At a window's first batch: count it and the window's next batches, then all-reduce once.
+
+        Lightning steps after batch ``b`` when ``(b + 1) % K == 0`` or ``b`` is the epoch's last batch,
+        so windows start where ``b % K == 0`` and hold ``K`` batches, or fewer at the epoch's end (data
+        exhausted or ``num_training_batches`` reached).
+        """
+        k = trainer.accumulate_grad_batches
+        if batch_idx % k != 0:
+            if k != self._lookahead_k:
+                raise RuntimeError(
+                    f"accumulate_grad_batches changed from {self._lookahead_k} to {k} inside a window "
+                    f"(batch {batch_idx}); change it only at epoch start (GradientAccumulationScheduler)."
+                )
+            return
+        fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+        if (
+            fetcher is None
+            or not hasattr(fetcher, "iterator")
+            or type(fetcher).__name__ == "_DataLoaderIterDataFetcher"
+        ):
+            raise RuntimeError(
+                "SampleCountRescaler(mode='lookahead') cannot read ahead in this fit loop (a training_step "
+                "that takes `dataloader_iter`, or an unknown Lightning version). Use the default mode."
+            )
+        count = self.count_items or pl_module.count_items
+        # Lightning also ends the epoch at num_training_batches (limit_train_batches), not only when data runs out.
+        ahead = min(k - 1, trainer.num_training_batches - batch_idx - 1)
+        counts = [count(b) for b in [batch, *upcoming_batches(fetcher, int(ahead))]]
+        device = pl_module.device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        local = torch.stack([torch.as_tensor(c, device=device).to(dtype).reshape(()) for c in counts]).sum()
+        self._lookahead_items = trainer.strategy.reduce(local, reduce_op="sum")
+        self._lookahead_k = k
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if self._losses_this_batch == 0:
+            helper = "sample_loss" if pl_module.automatic_optimization else "sample_backward"
             raise RuntimeError(
-                f"{type(pl_module).__name__}.training_step returned a loss that did not come from "
-                "self.sample_loss(...). Return `self.sample_loss(per_item_losses, mask)` so that "
-                "SampleCountRescaler can count the items."
+                f"{type(pl_module).__name__} backpropagated a loss that did not come from self.{helper}(...). "
+                f"Use `self.{helper}(per_item_losses, mask)` so that SampleCountRescaler can count the items."
             )
 
     # ------------------------------------------------------------------ per optimizer step
@@ -153,8 +214,22 @@ class SampleCountRescaler(Callback):
             reduce_sum=lambda t: trainer.strategy.reduce(t, reduce_op="sum"), device=pl_module.device
         )
         loss_sum, items = totals[0], totals[1]
+        expected = self._lookahead_items
+        self._lookahead_items = None
+        if expected is not None:
+            # The one host read per optimizer step: the check and the empty-window decision together.
+            seen, counted = torch.stack([items, expected.to(items)]).tolist()
+            if seen != counted:
+                raise RuntimeError(
+                    f"count_items counted {counted:g} items in the window before global_step={trainer.global_step} "
+                    f"but the sample_loss masks counted {seen:g}. Make count_items(batch) apply the same "
+                    "rule as the loss mask."
+                )
+            empty = seen == 0
+        else:
+            empty = bool(items == 0)  # the one host read per optimizer step: skipping needs a host decision
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        if bool(items == 0):  # the one host read per optimizer step: skipping needs a host decision
+        if empty:
             for p in params:
                 p.grad = None
             rank_zero_warn(
@@ -165,10 +240,10 @@ class SampleCountRescaler(Callback):
             # nan, not nothing: Lightning would otherwise re-log the previous step's cached loss.
             self._log_step(pl_module, torch.full_like(items, float("nan")), items)
             return
-        factor = window_rescale_factor(
-            trainer.accumulate_grad_batches, trainer.world_size, self._items_per_micro_batch, items
-        )
-        scale_gradients_([p.grad for p in params if p.grad is not None], factor)
+        if self.mode == "deferred":
+            k = trainer.accumulate_grad_batches if pl_module.automatic_optimization else 1
+            factor = window_rescale_factor(k, trainer.world_size, self._items_per_micro_batch, items)
+            scale_gradients_([p.grad for p in params if p.grad is not None], factor)
         epoch = self._epoch_totals
         self._epoch_totals = totals if epoch is None else epoch.to(totals.device) + totals
         self._log_step(pl_module, loss_sum / items, items)

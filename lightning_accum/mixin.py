@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning.pytorch as pl
 from torch import Tensor
 
@@ -27,6 +29,8 @@ class SampleCountMixin:
     that count. During training it hands them to the Trainer's ``SampleCountRescaler``, which makes
     each optimizer step use the mean over all counted items of the window on all ranks. Outside
     training (validation, test) it returns the plain mean over the counted items of the batch.
+    With manual optimization, ``sample_backward(losses, mask)`` replaces ``self.manual_backward(loss)``.
+    ``SampleCountRescaler(mode="lookahead")`` counts batches ahead with ``count_items(batch)``.
 
     Example::
 
@@ -63,4 +67,64 @@ class SampleCountMixin:
         if trainer is None or not trainer.training:
             loss_sum, items = masked_sum_and_count(losses, mask)
             return loss_sum / items.to(loss_sum.dtype)
+        if not self.automatic_optimization:
+            raise RuntimeError(
+                f"{type(self).__name__} uses manual optimization: call `self.sample_backward(losses, mask)` "
+                "instead of `self.manual_backward(self.sample_loss(losses, mask))`."
+            )
         return find_rescaler(trainer).record(self, losses, mask)
+
+    def sample_backward(self, losses: Tensor, mask: Tensor | None = None) -> None:
+        """Manual optimization: backpropagate these per-item ``losses`` into the current window.
+
+        Replaces ``self.manual_backward(loss)``. The window is every ``sample_backward`` since the last
+        ``optimizer.step()`` (of the optimizer from ``self.optimizers()``), on every rank; at that step the
+        rescaler turns the accumulated gradient into the window's item mean, after AMP unscaling. Step
+        whenever you like; ``optimizer.zero_grad()`` after the step as usual. To clip gradients, call
+        ``self.clip_gradients(optimizer, ...)`` in ``on_before_optimizer_step``, which runs after the rescale.
+
+        Example::
+
+            >>> import torch, torch.nn.functional as F
+            >>> import lightning.pytorch as pl
+            >>> from lightning_accum import SampleCountRescaler
+            >>> class Manual(SampleCountMixin, pl.LightningModule):
+            ...     def __init__(self):
+            ...         super().__init__()
+            ...         self.automatic_optimization = False
+            ...         self.net = torch.nn.Linear(3, 1)
+            ...     def training_step(self, batch, batch_idx):
+            ...         x, y = batch
+            ...         self.sample_backward(F.mse_loss(self.net(x), y, reduction="none"))
+            ...         if batch_idx % 2 == 1 or self.trainer.is_last_batch:  # windows of 2 micro-batches
+            ...             optimizer = self.optimizers()
+            ...             optimizer.step()
+            ...             optimizer.zero_grad()
+            ...     def configure_optimizers(self):
+            ...         return torch.optim.SGD(self.parameters(), lr=0.1)
+            >>> data = torch.utils.data.TensorDataset(torch.randn(10, 3), torch.randn(10, 1))
+            >>> trainer = pl.Trainer(max_epochs=1, callbacks=[SampleCountRescaler()], logger=False,
+            ...                      enable_checkpointing=False, enable_progress_bar=False,
+            ...                      enable_model_summary=False)
+            >>> trainer.fit(Manual(), torch.utils.data.DataLoader(data, batch_size=3))
+            >>> trainer.global_step
+            2
+        """
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or not trainer.training or self.automatic_optimization:
+            raise RuntimeError(
+                "sample_backward is for training_step with manual optimization (`automatic_optimization = "
+                "False`); with automatic optimization return `self.sample_loss(losses, mask)` instead."
+            )
+        self.manual_backward(find_rescaler(trainer).record(self, losses, mask))
+
+    def count_items(self, batch: Any) -> Tensor:
+        """Look-ahead mode: the number of counted items in ``batch``, by the same rule as the loss mask.
+
+        Override it, e.g. ``return (batch["target"] != -100).sum()``; it sees a batch as the dataloader
+        yields it and as ``training_step`` receives it. Or pass ``SampleCountRescaler(count_items=...)``.
+        """
+        raise NotImplementedError(
+            f"SampleCountRescaler(mode='lookahead') needs {type(self).__name__}.count_items(batch) (the "
+            "number of items the loss mask counts in a batch), or SampleCountRescaler(count_items=...)."
+        )

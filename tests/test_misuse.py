@@ -100,7 +100,7 @@ def test_training_step_returning_a_mean_instead_of_sample_loss() -> None:
 
 
 def test_manual_optimization() -> None:
-    with pytest.raises(RuntimeError, match=r"automatic optimization only.*automatic_optimization = False"):
+    with pytest.raises(RuntimeError, match=r"uses manual optimization: call `self.sample_backward\(losses, mask\)`"):
         fit(ManualModule(make_net(), small_case()), callbacks=[SampleCountRescaler()])
 
 

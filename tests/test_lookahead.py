@@ -1,0 +1,152 @@
+"""Look-ahead mode: the same exactness matrix as the default mode, without touching the gradients."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning_cases import Case, make_net, masked_ranks_case, uneven_ranks_case
+from precision_cases import (
+    CountingModule,
+    count_case_items,
+    empty_windows_case,
+    fit,
+    fit_net,
+    masked_tokens_case,
+    reference_distance,
+    tolerance,
+)
+from reference import item_losses
+from test_exactness import EXACT_TOLERANCE, last_batch_smaller_case, varied_sizes_plan
+from test_logging_and_state import assert_logs_match, read_metrics, reference_run
+from torch.utils.data import DataLoader, IterableDataset
+
+from lightning_accum import SampleCountRescaler
+
+
+def lookahead_error(case: Case, **fit_kwargs) -> float:
+    module = CountingModule(make_net(), case)
+    fit(case, module, [SampleCountRescaler(mode="lookahead")], **fit_kwargs)
+    return reference_distance(case, module.net)
+
+
+@pytest.mark.parametrize("k", range(1, 9))
+def test_last_batch_smaller_any_k(k: int) -> None:
+    assert lookahead_error(last_batch_smaller_case(k)) <= EXACT_TOLERANCE
+
+
+def test_accumulation_schedule_changes_k_between_epochs() -> None:
+    assert lookahead_error(Case(plan=varied_sizes_plan(), accumulation={0: 2, 1: 3, 2: 1, 3: 4}, epochs=4)) <= 1e-5
+
+
+@pytest.mark.parametrize("clip", [{"clip_norm": 0.3}, {"clip_value": 0.05}], ids=["norm", "value"])
+def test_masks_empty_micro_batch_and_clipping(clip: dict) -> None:
+    case = masked_tokens_case()
+    case.clip_norm, case.clip_value = clip.get("clip_norm"), clip.get("clip_value")
+    assert lookahead_error(case) <= EXACT_TOLERANCE
+
+
+def test_float_mask_and_adamw() -> None:
+    plan = [[(x, y, m.float()) for x, y, m in varied_sizes_plan(tokens=3, keep=0.7)[0]]]
+    assert lookahead_error(Case(plan=plan, accumulation=4, epochs=2, optimizer="adamw", lr=0.05)) <= EXACT_TOLERANCE
+
+
+class PlanStream(IterableDataset):
+    """The plan as an iterable without a length: Lightning then prefetches a batch ahead itself."""
+
+    def __init__(self, plan: list) -> None:
+        self.plan = plan
+
+    def __iter__(self):
+        return iter(self.plan)
+
+
+class StreamModule(CountingModule):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(PlanStream(self.case.plan[self.trainer.global_rank]), batch_size=None)
+
+
+def test_unsized_loader_that_lightning_prefetches() -> None:
+    case = Case(plan=varied_sizes_plan(tokens=3, keep=0.6), accumulation=3, epochs=3)
+    module = StreamModule(make_net(), case)
+    fit(case, module, [SampleCountRescaler(mode="lookahead")])
+    assert reference_distance(case, module.net) <= EXACT_TOLERANCE
+
+
+def test_limit_train_batches_cuts_the_last_window() -> None:
+    case = Case(plan=varied_sizes_plan(), accumulation=3, epochs=2)
+    limited = Case(plan=[case.plan[0][:5]], accumulation=3, epochs=2)  # windows of 3 + 2 batches
+    module = CountingModule(make_net(), case)
+    fit(case, module, [SampleCountRescaler(mode="lookahead")], limit_train_batches=5)
+    assert reference_distance(limited, module.net) <= EXACT_TOLERANCE
+
+
+def test_count_function_passed_to_the_callback_and_logs(tmp_path: Path) -> None:
+    case = Case(plan=varied_sizes_plan(tokens=3, keep=0.6), accumulation=3, epochs=2)
+    module = CountingModule(make_net(), case)
+    module.count_items = None  # the callback's function must be the one used
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    fit(case, module, [SampleCountRescaler(mode="lookahead", count_items=count_case_items)], logger=logger)
+    assert reference_distance(case, module.net) <= EXACT_TOLERANCE
+    assert_logs_match(read_metrics(logger), reference_run(case), windows_per_epoch=3)
+
+
+def test_empty_window_leaves_optimizer_state_untouched() -> None:
+    case = empty_windows_case()  # window 2 of each epoch is empty
+    module = CountingModule(make_net(), case)
+    with pytest.warns(UserWarning, match="saw no counted items"):
+        trainer = fit(case, module, [SampleCountRescaler(mode="lookahead")])
+    assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {4}  # 6 windows, 2 empty
+    assert reference_distance(case, module.net) <= EXACT_TOLERANCE
+
+
+class DriftingCountModule(CountingModule):
+    def count_items(self, batch) -> torch.Tensor:
+        return torch.tensor(batch[1].numel())  # ignores the mask that the loss uses
+
+
+def test_count_rule_that_drifts_from_the_loss_mask_fails() -> None:
+    case = Case(plan=varied_sizes_plan(tokens=3, keep=0.6), accumulation=3, epochs=1)
+    with pytest.raises(RuntimeError, match=r"count_items counted \d+ items .* sample_loss masks counted \d+"):
+        fit(case, DriftingCountModule(make_net(), case), [SampleCountRescaler(mode="lookahead")])
+
+
+class NoCountModule(CountingModule):
+    count_items = CountingModule.__mro__[2].count_items  # the mixin's default
+
+
+def test_missing_count_rule_fails_with_both_ways_to_give_it() -> None:
+    case = Case(plan=varied_sizes_plan(), accumulation=2, epochs=1)
+    with pytest.raises(NotImplementedError, match=r"count_items\(batch\).*SampleCountRescaler\(count_items=...\)"):
+        fit(case, NoCountModule(make_net(), case), [SampleCountRescaler(mode="lookahead")])
+
+
+class IterStepModule(CountingModule):
+    def training_step(self, dataloader_iter) -> torch.Tensor:
+        batch = next(dataloader_iter)
+        return self.sample_loss(item_losses(self.net, batch)[0], mask=batch[2])
+
+
+def test_training_step_with_dataloader_iter_fails() -> None:
+    case = Case(plan=varied_sizes_plan(), accumulation=2, epochs=1)
+    with pytest.raises(RuntimeError, match=r"cannot read ahead.*dataloader_iter.*default mode"):
+        fit(case, IterStepModule(make_net(), case), [SampleCountRescaler(mode="lookahead")])
+
+
+def test_constructor_arguments() -> None:
+    with pytest.raises(ValueError, match=r"`mode` must be one of \('deferred', 'lookahead'\), got 'ahead'"):
+        SampleCountRescaler(mode="ahead")
+    with pytest.raises(ValueError, match="only used with mode='lookahead'"):
+        SampleCountRescaler(count_items=count_case_items)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "precision"), [(uneven_ranks_case, "32-true"), (masked_ranks_case, "16-mixed")], ids=["fp32", "fp16"]
+)
+def test_ddp_spawn_two_ranks(case, precision: str) -> None:
+    case = case()
+    net = fit_net(case, "exact", precision, mode="lookahead", strategy="ddp_spawn", devices=2)
+    assert reference_distance(case, net) <= tolerance(precision, case)

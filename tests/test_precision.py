@@ -1,0 +1,102 @@
+"""The guarantee in every precision: fp16 with dynamic loss scaling (skipped steps too), bf16-mixed,
+16-true and bf16-true match the float32 reference within the format's rounding; naive Lightning does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import FSDPPrecision
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning_cases import Case, make_net, masked_ranks_case
+from precision_cases import (
+    CountingModule,
+    empty_windows_case,
+    fit,
+    fit_net,
+    fp16_scaler_plugin,
+    masked_tokens_case,
+    reference_distance,
+    tolerance,
+)
+
+from lightning_accum import SampleCountRescaler
+from lightning_accum.support import require_supported_precision, require_supported_strategy
+
+LOW_PRECISIONS = ["16-mixed", "bf16-mixed", "16-true", "bf16-true"]
+
+
+@pytest.mark.parametrize("mode", ["deferred", "lookahead"])
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+def test_matches_the_float32_reference_within_rounding(precision: str, mode: str) -> None:
+    case = masked_tokens_case()  # K=3, token masks, an all-masked micro-batch, a short last window, clipping
+    error = reference_distance(case, fit_net(case, "exact", precision, mode))
+    assert error <= tolerance(precision, case)
+
+
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+def test_naive_is_far_outside_the_tolerance(precision: str) -> None:
+    case = masked_tokens_case()
+    assert reference_distance(case, fit_net(case, "naive", precision)) > 10 * tolerance(precision, case)
+
+
+def overflow_case() -> Case:
+    """``masked_tokens_case`` where micro-batch 4 (window 1 of each epoch) holds a masked-out token whose
+    features overflow float16 (1e6 > 65504): its loss is excluded, but its gradient is nan in fp16."""
+    case = masked_tokens_case()
+    x, y, mask = case.plan[0][4]
+    x, mask = x.clone(), mask.clone()
+    x[0, 0], mask[0, 0] = 1e6, False
+    case.plan[0][4] = (x, y, mask)
+    return case
+
+
+@pytest.mark.parametrize("mode", ["deferred", "lookahead"])
+def test_fp16_step_skipped_for_overflow_drops_exactly_its_window(mode: str) -> None:
+    case = overflow_case()
+    module = CountingModule(make_net(), case)
+    plugin = fp16_scaler_plugin(init_scale=2.0**10, backoff_factor=0.5, growth_interval=10**6)
+    trainer = fit(case, module, [SampleCountRescaler(mode=mode)], plugins=[plugin])
+    assert plugin.scaler.get_scale() == 2.0**10 * 0.5**3  # three skipped steps (one per epoch), nothing else
+    assert trainer.global_step == 9  # Lightning still counts them
+    skipped = (1, 4, 7)  # window 1 of each of the 3 epochs, 3 windows per epoch
+    assert reference_distance(case, module.net, skip_windows=skipped) <= tolerance("16-mixed", case)
+    assert reference_distance(case, module.net) > 10 * tolerance("16-mixed", case)
+
+
+@pytest.mark.parametrize("mode", ["deferred", "lookahead"])
+def test_fp16_empty_window_leaves_optimizer_state_untouched(mode: str) -> None:
+    case = empty_windows_case()  # window 2 of each epoch is empty
+    module = CountingModule(make_net(), case)
+    with pytest.warns(UserWarning, match="saw no counted items"):
+        trainer = fit(case, module, [SampleCountRescaler(mode=mode)], plugins=[fp16_scaler_plugin()])
+    assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {4}  # 6 windows, 2 empty
+    assert reference_distance(case, module.net) <= tolerance("16-mixed", case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", LOW_PRECISIONS)
+def test_ddp_spawn_two_ranks(precision: str) -> None:
+    case = masked_ranks_case()  # uneven ranks, a rank with an empty share, an empty window, AdamW, clipping
+    if precision == "16-true":  # Adam in float16 parameters gives nan with or without the rescaler (eps=1e-8 is 0)
+        case.optimizer, case.lr = "sgd", 0.3
+    error = reference_distance(case, fit_net(case, "exact", precision, strategy="ddp_spawn", devices=2))
+    assert error <= tolerance(precision, case)
+
+
+def test_strategies_that_own_the_step_fail_with_the_alternative() -> None:
+    # Lightning itself refuses FSDP without a GPU; DeepSpeed is not installed here (created without __init__).
+    for strategy in (FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)):
+        with pytest.raises(RuntimeError, match=r"does not support the \w+ strategy.*strategy='ddp'"):
+            require_supported_strategy(strategy)
+
+
+def test_unverified_precision_plugin_fails_with_the_alternative() -> None:
+    with pytest.raises(RuntimeError, match=r"not verified with the FSDPPrecision.*precision='32-true', '16-mixed'"):
+        require_supported_precision(FSDPPrecision("16-mixed"))
+    require_supported_precision(fp16_scaler_plugin())  # the fp16 plugin of these tests is supported
+
+
+def test_fp16_scaler_plugin_is_real_fp16_on_cpu() -> None:
+    plugin = fp16_scaler_plugin()
+    with plugin.forward_context():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float16
