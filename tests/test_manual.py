@@ -11,7 +11,7 @@ from test_exactness import EXACT_TOLERANCE, varied_sizes_plan
 from lightning_accum import SampleCountRescaler
 
 
-@pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-true"])
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"])
 def test_own_loop_with_clipping_matches_the_reference(precision: str) -> None:
     case = masked_tokens_case()  # steps after every 3 micro-batches and at the epoch's end; clip norm 0.5
     assert reference_distance(case, fit_manual_net(case, precision)) <= tolerance(precision, case)
