@@ -96,6 +96,31 @@ class NaiveModule(PlannedModule):
         return (losses * mask).sum() / mask.sum().clamp_min(1)
 
 
+def planned_trainer(
+    case: Case,
+    callbacks: list[pl.Callback],
+    strategy: str,
+    devices: int,
+    logger: pl.loggers.Logger | bool,
+    **trainer_kwargs,
+) -> pl.Trainer:
+    """A quiet CPU Trainer for ``case``: our own per-rank plan, so no injected sampler; a log row per step."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_epochs=case.epochs,
+        callbacks=callbacks,
+        logger=logger,
+        log_every_n_steps=1,
+        use_distributed_sampler=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **trainer_kwargs,
+    )
+
+
 def fit_case(
     case: Case,
     exact: bool,
@@ -112,21 +137,15 @@ def fit_case(
         accumulate = case.accumulation
     else:
         callbacks.append(GradientAccumulationScheduler(scheduling=case.accumulation))
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        max_epochs=case.epochs,
+    trainer = planned_trainer(
+        case,
+        callbacks,
+        strategy,
+        devices,
+        logger,
         accumulate_grad_batches=accumulate,
         gradient_clip_val=case.clip_norm if case.clip_norm is not None else case.clip_value,
         gradient_clip_algorithm="value" if case.clip_value is not None else "norm",
-        callbacks=callbacks,
-        logger=logger,
-        log_every_n_steps=1,
-        use_distributed_sampler=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(module)
     return module.net

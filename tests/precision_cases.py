@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.plugins import MixedPrecision
-from lightning_cases import Case, ExactModule, NaiveModule, make_micro_batch, make_net, make_optimizer
+from lightning_cases import Case, ExactModule, NaiveModule, make_micro_batch, make_net, make_optimizer, planned_trainer
 from reference import flat_parameters, item_losses, relative_distance, train_reference
 from torch import nn
 
@@ -73,20 +73,7 @@ def fit(
             "gradient_clip_val", case.clip_norm if case.clip_norm is not None else case.clip_value
         )
         trainer_kwargs.setdefault("gradient_clip_algorithm", "value" if case.clip_value is not None else "norm")
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=devices,
-        strategy=strategy,
-        max_epochs=case.epochs,
-        callbacks=callbacks,
-        logger=logger,
-        log_every_n_steps=1,
-        use_distributed_sampler=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        **trainer_kwargs,
-    )
+    trainer = planned_trainer(case, callbacks, strategy, devices, logger, **trainer_kwargs)
     trainer.fit(module)
     return trainer
 
