@@ -15,3 +15,5 @@ if __name__ == "__main__":
     net = lightning_cases.fit_case(case, exact=mode == "exact", strategy="ddp", devices=2)
     if int(torch.distributed.get_rank()) == 0:
         torch.save(flat_parameters(net), out)
+    # A gloo group alive at interpreter shutdown can abort the process after the fit finished.
+    torch.distributed.destroy_process_group()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
@@ -74,4 +75,15 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
         out = Path(cfg.paths.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    release_process_group()
     return metrics
+
+
+def release_process_group() -> None:
+    """Destroy the default process group after a successful fit, before the interpreter exits.
+
+    Lightning leaves it alive; a gloo group still alive at interpreter shutdown can abort the
+    process (``terminate called without an active exception``) after training finished.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
