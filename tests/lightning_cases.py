@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import lightning.pytorch as pl
 import torch
+from distributed_exit import ReleaseProcessGroup
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from reference import MicroBatch, item_losses, merge_ranks, split_into_windows
 from torch import nn
@@ -110,7 +111,7 @@ def planned_trainer(
         devices=devices,
         strategy=strategy,
         max_epochs=case.epochs,
-        callbacks=callbacks,
+        callbacks=[*callbacks, ReleaseProcessGroup()],
         logger=logger,
         log_every_n_steps=1,
         use_distributed_sampler=False,

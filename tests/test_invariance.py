@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from distributed_exit import ReleaseProcessGroup
 from reference import MicroBatch, flat_parameters, relative_distance, train_reference
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -102,7 +103,7 @@ def fit(split: tuple[int, int, int], exact: bool) -> Tensor:
         max_epochs=EPOCHS,
         accumulate_grad_batches=k,
         use_distributed_sampler=not exact,
-        callbacks=[SampleCountRescaler()] if exact else [],
+        callbacks=[SampleCountRescaler(), ReleaseProcessGroup()] if exact else [ReleaseProcessGroup()],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -7,16 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from lightning_cases import Case, make_net, masked_ranks_case, uneven_ranks_case
+from lightning_cases import Case, make_net
 from precision_cases import (
     CountingModule,
     count_case_items,
     empty_windows_case,
     fit,
-    fit_net,
     masked_tokens_case,
     reference_distance,
-    tolerance,
 )
 from reference import item_losses
 from test_exactness import EXACT_TOLERANCE, last_batch_smaller_case, varied_sizes_plan
@@ -140,13 +138,3 @@ def test_constructor_arguments() -> None:
         SampleCountRescaler(mode="ahead")
     with pytest.raises(ValueError, match="only used with mode='lookahead'"):
         SampleCountRescaler(count_items=count_case_items)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("case", "precision"), [(uneven_ranks_case, "32-true"), (masked_ranks_case, "16-mixed")], ids=["fp32", "fp16"]
-)
-def test_ddp_spawn_two_ranks(case, precision: str) -> None:
-    case = case()
-    net = fit_net(case, "exact", precision, mode="lookahead", strategy="ddp_spawn", devices=2)
-    assert reference_distance(case, net) <= tolerance(precision, case)

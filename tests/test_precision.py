@@ -1,5 +1,6 @@
 """The guarantee in every precision: fp16 with dynamic loss scaling (skipped steps too), bf16-mixed,
-16-true and bf16-true match the float32 reference within the format's rounding; naive Lightning does not."""
+16-true and bf16-true match the float32 reference within the format's rounding; naive Lightning does not.
+Under DDP every precision runs in every mode: deferred, look-ahead and manual optimization."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from precision_cases import (
     CountingModule,
     empty_windows_case,
     fit,
+    fit_manual_net,
     fit_net,
     fp16_scaler_plugin,
     masked_tokens_case,
@@ -26,11 +28,10 @@ LOW_PRECISIONS = ["16-mixed", "bf16-mixed", "16-true", "bf16-true"]
 
 
 @pytest.mark.parametrize("mode", ["deferred", "lookahead"])
-@pytest.mark.parametrize("precision", LOW_PRECISIONS)
-def test_matches_the_float32_reference_within_rounding(precision: str, mode: str) -> None:
+@pytest.mark.parametrize("precision", ["32-true", *LOW_PRECISIONS])
+def test_matches_the_float32_reference_within_rounding(precision: str, mode: str, measured) -> None:
     case = masked_tokens_case()  # K=3, token masks, an all-masked micro-batch, a short last window, clipping
-    error = reference_distance(case, fit_net(case, "exact", precision, mode))
-    assert error <= tolerance(precision, case)
+    assert measured(reference_distance(case, fit_net(case, "exact", precision, mode))) <= tolerance(precision, case)
 
 
 @pytest.mark.parametrize("precision", LOW_PRECISIONS)
@@ -74,13 +75,17 @@ def test_fp16_empty_window_leaves_optimizer_state_untouched(mode: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", LOW_PRECISIONS)
-def test_ddp_spawn_two_ranks(precision: str) -> None:
+@pytest.mark.parametrize("mode", ["deferred", "lookahead", "manual"])
+@pytest.mark.parametrize("precision", ["32-true", *LOW_PRECISIONS])
+def test_ddp_spawn_two_ranks(precision: str, mode: str, measured) -> None:
     case = masked_ranks_case()  # uneven ranks, a rank with an empty share, an empty window, AdamW, clipping
     if precision == "16-true":  # Adam in float16 parameters gives nan with or without the rescaler (eps=1e-8 is 0)
         case.optimizer, case.lr = "sgd", 0.3
-    error = reference_distance(case, fit_net(case, "exact", precision, strategy="ddp_spawn", devices=2))
-    assert error <= tolerance(precision, case)
+    if mode == "manual":
+        net = fit_manual_net(case, precision, strategy="ddp_spawn", devices=2)
+    else:
+        net = fit_net(case, "exact", precision, mode=mode, strategy="ddp_spawn", devices=2)
+    assert measured(reference_distance(case, net)) <= tolerance(precision, case)
 
 
 def test_strategies_that_own_the_step_fail_with_the_alternative() -> None:
