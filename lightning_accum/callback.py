@@ -260,7 +260,17 @@ class SampleCountRescaler(Callback):
             return
         loss_sum, items = self._epoch_totals[0], self._epoch_totals[1]
         self._epoch_totals = None
-        pl_module.log(self.epoch_loss_name, (loss_sum / items).float(), on_step=False, on_epoch=True, batch_size=1)
+        # The value is already global and equal on every rank: a max over ranks returns it bit for bit,
+        # and saying sync_dist tells Lightning it is not a per-rank value (one small all-reduce per epoch).
+        pl_module.log(
+            self.epoch_loss_name,
+            (loss_sum / items).float(),
+            on_step=False,
+            on_epoch=True,
+            batch_size=1,
+            sync_dist=True,
+            reduce_fx="max",
+        )
 
     # ------------------------------------------------------------------ checkpointing
 
