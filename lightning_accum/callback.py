@@ -218,14 +218,14 @@ class SampleCountRescaler(Callback):
         self._lookahead_items = None
         if expected is not None:
             # The one host read per optimizer step: the check and the empty-window decision together.
-            seen, counted = torch.stack([items, expected.to(items)]).tolist()
-            if seen != counted:
+            verdict = int(2 * (items != expected.to(items)) + (items == 0))
+            if verdict >= 2:
                 raise RuntimeError(
-                    f"count_items counted {counted:g} items in the window before global_step={trainer.global_step} "
-                    f"but the sample_loss masks counted {seen:g}. Make count_items(batch) apply the same "
-                    "rule as the loss mask."
+                    f"count_items counted {float(expected):g} items in the window before "
+                    f"global_step={trainer.global_step} but the sample_loss masks counted {float(items):g}. "
+                    "Make count_items(batch) apply the same rule as the loss mask."
                 )
-            empty = seen == 0
+            empty = verdict == 1
         else:
             empty = bool(items == 0)  # the one host read per optimizer step: skipping needs a host decision
         params = [p for group in optimizer.param_groups for p in group["params"]]
