@@ -1,7 +1,9 @@
 """Measure what SampleCountRescaler costs against naive Lightning accumulation, side by side in one run.
 
-Prints ratios (exact / naive) of the wall time per optimizer step of whole ``Trainer.fit`` runs, and the
-time of the fused gradient rescale relative to one ``SGD.step`` on the same parameters.
+Prints ratios to naive accumulation of the wall time per optimizer step of whole ``Trainer.fit`` runs, for
+both modes (deferred rescale and look-ahead); the time of the fused gradient rescale relative to one
+``SGD.step`` on the same parameters; the bytes the rescale allocates (torch profiler) against the gradients'
+bytes; and the host memory that look-ahead holds (K-1 micro-batches).
 
     python scripts/benchmark_overhead.py            # about a minute on 2 CPU cores
     python scripts/benchmark_overhead.py --device cuda --hidden 2048
@@ -19,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
 from lightning_accum import SampleCountMixin, SampleCountRescaler
@@ -65,13 +68,19 @@ class ExactNet(SampleCountMixin, Net):
         losses, mask = self.token_losses(batch)
         return self.sample_loss(losses, mask)
 
+    def count_items(self, batch: tuple) -> torch.Tensor:
+        return batch[2].sum()
 
-def seconds_per_step(exact: bool, args: argparse.Namespace, batches: list[tuple]) -> float:
-    module = (ExactNet if exact else NaiveNet)(batches, args.features, args.hidden)
+
+MODES = ("naive", "deferred", "lookahead")
+
+
+def seconds_per_step(mode: str, args: argparse.Namespace, batches: list[tuple]) -> float:
+    module = (NaiveNet if mode == "naive" else ExactNet)(batches, args.features, args.hidden)
     trainer = pl.Trainer(
         accelerator=args.device, devices=1, max_epochs=1, accumulate_grad_batches=args.k,
-        callbacks=[SampleCountRescaler()] if exact else [], logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[] if mode == "naive" else [SampleCountRescaler(mode=mode)], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     start = time.perf_counter()
     trainer.fit(module)
@@ -103,6 +112,18 @@ def rescale_vs_optimizer_step(args: argparse.Namespace) -> tuple[float, float]:
     return timed(lambda: scale_gradients_(grads, factor)), timed(optimizer.step)
 
 
+def rescale_allocated_bytes(args: argparse.Namespace) -> tuple[int, int]:
+    """Bytes the fused rescale allocates (torch profiler), and the bytes of the gradients it scales."""
+    grads = [torch.randn_like(p) for p in Net([], args.features, args.hidden).to(args.device).parameters()]
+    factor = torch.tensor(0.5, device=args.device)
+    activities = [ProfilerActivity.CUDA if args.device == "cuda" else ProfilerActivity.CPU]
+    with profile(activities=activities, profile_memory=True) as prof:
+        scale_gradients_(grads, factor)
+    allocated = sum(max(e.self_device_memory_usage if args.device == "cuda" else e.self_cpu_memory_usage, 0)
+                    for e in prof.key_averages())  # fmt: skip
+    return allocated, sum(g.numel() * g.element_size() for g in grads)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
@@ -118,19 +139,25 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.manual_seed(0)
     batches = token_batches(args.batches, args.batch, args.tokens, args.features, seed=0)
-    seconds_per_step(True, args, batches[:8])  # warm up both code paths once
-    seconds_per_step(False, args, batches[:8])
-    naive, exact = [], []
-    for _ in range(args.repeats):
-        naive.append(seconds_per_step(False, args, batches))
-        exact.append(seconds_per_step(True, args, batches))
+    for mode in MODES:  # warm up every code path once
+        seconds_per_step(mode, args, batches[:8])
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for _ in range(args.repeats):  # alternate, so that load drifts hit every mode alike
+        for mode in MODES:
+            times[mode].append(seconds_per_step(mode, args, batches))
+    median = {mode: statistics.median(samples) for mode, samples in times.items()}
     params = sum(p.numel() for p in Net([], args.features, args.hidden).parameters())
     rescale, sgd = rescale_vs_optimizer_step(args)
+    allocated, grad_bytes = rescale_allocated_bytes(args)
+    batch_bytes = sum(t.numel() * t.element_size() for t in batches[0])
     print(f"device={args.device} params={params:,} K={args.k} micro-batch={args.batch}x{args.tokens} tokens")
-    print(f"naive  fit: {statistics.median(naive) * 1e3:8.2f} ms per optimizer step (median of {args.repeats})")
-    print(f"exact  fit: {statistics.median(exact) * 1e3:8.2f} ms per optimizer step (median of {args.repeats})")
-    print(f"ratio exact/naive time per step: {statistics.median(exact) / statistics.median(naive):.3f}")
+    for mode in MODES:
+        print(f"{mode:<9} fit: {median[mode] * 1e3:8.2f} ms per optimizer step (median of {args.repeats})")
+    for mode in MODES[1:]:
+        print(f"ratio {mode}/naive time per step: {median[mode] / median['naive']:.3f}")
     print(f"fused rescale {rescale * 1e6:.1f} us vs SGD step {sgd * 1e6:.1f} us: ratio {rescale / sgd:.3f}")
+    print(f"rescale allocates {allocated} bytes for {grad_bytes:,} bytes of gradients ({allocated / grad_bytes:.1e})")
+    print(f"look-ahead holds K-1 = {args.k - 1} micro-batches: {(args.k - 1) * batch_bytes:,} bytes of host memory")
 
 
 if __name__ == "__main__":
