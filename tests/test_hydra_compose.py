@@ -34,9 +34,9 @@ def test_every_group_has_its_options():
     assert set(options("data")) >= {"regression", "digits", "tokens"}
     assert set(options("model")) >= {"mlp", "causal_lm"}
     assert set(options("accumulation")) == {"none", "fixed", "schedule"}
-    assert set(options("trainer")) >= {"cpu", "ddp_cpu", "gpu", "ddp_gpu", "torchrun"}
+    assert set(options("trainer")) >= {"cpu", "ddp_cpu", "gpu", "ddp_gpu", "torchrun", "slurm"}
     assert set(options("logger")) >= {"csv", "tensorboard"}
-    assert set(options("hydra/launcher")) >= {"parallel"}
+    assert set(options("hydra/launcher")) >= {"parallel", "slurm"}
     for group in ("callbacks", "experiment", "debug"):
         assert options(group)
 
@@ -95,7 +95,7 @@ def test_trainer_options_compose_with_an_overridable_precision(tmp_path, name):
     _, _, trainer = build(cfg)
     assert isinstance(trainer, pl.Trainer)
     assert trainer.precision == "bf16-mixed"
-    expected_devices = {"cpu": 1, "ddp_cpu": 2, "torchrun": 1}.get(name)
+    expected_devices = {"cpu": 1, "ddp_cpu": 2, "torchrun": 1, "slurm": 2}.get(name)
     if expected_devices:
         assert trainer.num_devices == expected_devices
 
@@ -135,13 +135,25 @@ def test_experiment_and_debug_options_build(tmp_path, group):
 
 
 @pytest.mark.parametrize(
-    ("name", "launcher"), [("basic", "BasicLauncher"), ("joblib", "JoblibLauncher"), ("parallel", "JoblibLauncher")]
+    ("name", "launcher"),
+    [
+        ("basic", "BasicLauncher"),
+        ("joblib", "JoblibLauncher"),
+        ("parallel", "JoblibLauncher"),
+        ("slurm", "SlurmLauncher"),
+    ],
 )
 def test_launcher_options_instantiate(tmp_path, name, launcher):
     cfg = compose_train(tmp_path, f"hydra/launcher={name}", hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith(launcher)
     if name != "basic":  # Hydra refuses to instantiate its own basic launcher from a config
         assert type(instantiate(cfg.hydra.launcher)).__name__ == launcher
+
+
+def test_slurm_launcher_takes_its_tasks_and_nodes_from_the_trainer(tmp_path):
+    overrides = ["hydra/launcher=slurm", "trainer=slurm", "trainer.devices=3", "trainer.num_nodes=2"]
+    launcher = instantiate(compose_train(tmp_path, *overrides, hydra_config=True).hydra.launcher)
+    assert (launcher.params["tasks_per_node"], launcher.params["nodes"]) == (3, 2)
 
 
 def test_sweep_summary_callback_is_configured(tmp_path):

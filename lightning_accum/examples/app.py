@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lightning_accum.examples.launch import slurm_tasks
 from lightning_accum.examples.sweep import METRICS_FILE
 
 
@@ -50,15 +51,31 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
 
 
 def _check_launch(cfg: DictConfig) -> None:
-    """Refuse a sweep whose jobs would start processes that re-run the command line (and so the sweep)."""
+    """Refuse a sweep whose jobs would start processes that re-run the command line (and so the sweep).
+
+    Distributed jobs are allowed in a sweep when each rank is a Slurm task started by srun
+    (``hydra/launcher=slurm``), and only when Slurm started as many tasks as the trainer has ranks.
+    """
     if not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN):
         return
-    ddp_devices = cfg.trainer.get("strategy") == "ddp" and cfg.trainer.get("devices", 1) not in (1, "1")
-    if ddp_devices or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    trainer = cfg.trainer
+    devices, num_nodes = trainer.get("devices", 1), int(trainer.get("num_nodes", 1))
+    ddp_devices = trainer.get("strategy") == "ddp" and devices not in (1, "1")
+    tasks = slurm_tasks(os.environ)
+    if tasks is None:
+        if ddp_devices or num_nodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError(
+                "A -m sweep cannot run distributed jobs: strategy='ddp' and torchrun start every rank from the "
+                "command line, so each rank would run the whole sweep. Run distributed configurations one at a "
+                "time (without -m), or sweep them on Slurm, one task per rank: `hydra/launcher=slurm trainer=slurm`."
+            )
+        return
+    ranks = int(devices) * num_nodes if str(devices).isdigit() else None
+    if ranks is not None and ranks != tasks:
         raise ValueError(
-            "A -m sweep cannot run distributed jobs: strategy='ddp' and torchrun start every rank from the "
-            "command line, so each rank would run the whole sweep. Run distributed configurations one at a "
-            "time (without -m)."
+            f"This Slurm job has {tasks} tasks but the trainer has {ranks} ranks (devices={devices} x "
+            f"num_nodes={num_nodes}). Set trainer.devices and trainer.num_nodes only: hydra/launcher=slurm "
+            "derives tasks_per_node and nodes from them (do not override hydra.launcher.tasks_per_node)."
         )
 
 

@@ -11,15 +11,43 @@ RUN_STAMP_ENV = "LIGHTNING_ACCUM_RUN_STAMP"
 STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
 
 
+SLURM_INTERACTIVE_JOB_NAMES = ("bash", "interactive")
+
+
+def slurm_tasks(env: Mapping[str, str]) -> int | None:
+    """The number of Slurm tasks of this job step when each task is one rank, else ``None``.
+
+    Follows Lightning's ``SLURMEnvironment.detect``: Slurm's tasks are the ranks when ``SLURM_NTASKS`` is
+    set and the job is not named ``bash`` or ``interactive`` (names Lightning leaves to other launchers).
+
+    Example::
+
+        >>> slurm_tasks({"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "train"}), slurm_tasks({})
+        (2, None)
+        >>> slurm_tasks({"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "interactive"}) is None
+        True
+    """
+    if "SLURM_NTASKS" not in env or env.get("SLURM_JOB_NAME") in SLURM_INTERACTIVE_JOB_NAMES:
+        return None
+    return int(env["SLURM_NTASKS"])
+
+
 def process_rank(env: Mapping[str, str]) -> int:
-    """The global rank of this process: ``RANK`` (torchrun), else ``LOCAL_RANK`` (Lightning's ddp children).
+    """The global rank of this process: ``RANK`` (torchrun), else ``SLURM_PROCID`` (a Slurm task that Lightning
+    takes as a rank), else ``LOCAL_RANK`` (Lightning's ddp children).
 
     Example::
 
         >>> process_rank({}), process_rank({"LOCAL_RANK": "1"}), process_rank({"RANK": "3", "LOCAL_RANK": "1"})
         (0, 1, 3)
+        >>> process_rank({"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_JOB_NAME": "train"})
+        1
     """
-    return int(env.get("RANK", env.get("LOCAL_RANK", "0")))
+    if "RANK" in env:
+        return int(env["RANK"])
+    if slurm_tasks(env) is not None:
+        return int(env.get("SLURM_PROCID", "0"))
+    return int(env.get("LOCAL_RANK", "0"))
 
 
 def nonzero_rank_overrides(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:

@@ -1,0 +1,103 @@
+"""scripts/train.py swept on a real Slurm cluster (``.ci/slurm-up``) through hydra-submitit-launcher.
+
+Each job of the sweep is one sbatch job of 2 Slurm tasks, the 2 ranks of a ddp run over gloo. The tests skip
+when no Slurm controller answers, unless LIGHTNING_ACCUM_REQUIRE_SLURM=1 (CI), where they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_hydra_app import QUIET, TRAIN, final_parameters, read_rows, run, run_dirs
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+SWEEP = [sys.executable, TRAIN, "-m", "hydra/launcher=slurm", "trainer=slurm"]
+# Global windows of 64 (K=2) and 32 (K=1) digits from 2 tasks x micro-batches of 16, SGD with momentum.
+COMMON = ["experiment=digits_global", "trainer.max_epochs=2", *QUIET]
+
+
+def slurm_controller_answers() -> bool:
+    if shutil.which("scontrol") is None:
+        return False
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=60)
+    return ping.returncode == 0 and " is UP" in ping.stdout
+
+
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster() -> None:
+    if slurm_controller_answers():
+        return
+    message = "no Slurm controller answers `scontrol ping`: start one on this machine with `sudo .ci/slurm-up`"
+    if os.environ.get("LIGHTNING_ACCUM_REQUIRE_SLURM") == "1":
+        pytest.fail(f"{message} (LIGHTNING_ACCUM_REQUIRE_SLURM=1 requires the Slurm tests)", pytrace=False)
+    pytest.skip(message)
+
+
+def slurm_jobs(sweep: Path) -> dict[str, list[str]]:
+    """Slurm job id (``<array>_<index>``) -> the task ids submitit ran for it, from submitit's log files."""
+    logs = sorted((sweep / ".submitit").glob("*_*/*_log.out"))
+    jobs: dict[str, list[str]] = {}
+    for log in logs:
+        jobs.setdefault(log.parent.name, []).append(log.name.removesuffix("_log.out").rsplit("_", 1)[1])
+    return jobs
+
+
+def finished_steps(job: str, timeout_s: float = 60.0) -> dict[str, tuple[str, str]]:
+    """Step id -> (state, number of tasks) of one Slurm job once sacct records it ended.
+
+    submitit returns as soon as every task wrote its result, which can be before Slurm closes the step.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        out = subprocess.run(
+            ["sacct", "-n", "-P", "-j", job, "-o", "JobID,State,NTasks"], capture_output=True, text=True, check=True
+        ).stdout
+        steps = {step: (state, ntasks) for step, state, ntasks in (line.split("|") for line in out.splitlines())}
+        if steps.get(job, ("PENDING",))[0] not in ("PENDING", "RUNNING", "COMPLETING") or time.monotonic() > deadline:
+            return steps
+        time.sleep(0.5)
+
+
+def test_sweep_of_two_task_jobs_equals_one_process_of_the_same_effective_batch(tmp_path):
+    run([*SWEEP, *COMMON, "accumulation.k=1,2", f"paths.log_dir={tmp_path / 'slurm'}"], cwd=tmp_path)
+    (sweep,) = (tmp_path / "slurm" / "digits_global" / "multirun").iterdir()
+    assert [p.name for p in run_dirs(sweep)] == ["0", "1"]
+    assert {r["overrides"] for r in read_rows(sweep / "summary.csv")} == {"accumulation.k=1", "accumulation.k=2"}
+
+    # Two array jobs of the real cluster, each 2 tasks of one srun step that sacct reports COMPLETED.
+    jobs = slurm_jobs(sweep)
+    assert sorted(j.rsplit("_", 1)[1] for j in jobs) == ["0", "1"]
+    for job, tasks in jobs.items():
+        assert tasks == ["0", "1"]
+        assert finished_steps(job)[f"{job}.0"] == ("COMPLETED", "2")
+        outs = [(sweep / ".submitit" / job / f"{job}_{t}_log.out").read_text() for t in tasks]
+        assert [out.count("Final metrics:") for out in outs] == [1, 0]  # printed by rank 0 only
+
+    # References: 1 process with K=2 and K=4 takes the same global windows of 32 and 64 digits.
+    run([sys.executable, TRAIN, "-m", *COMMON, "accumulation.k=2,4", f"paths.log_dir={tmp_path / 'one'}"], cwd=tmp_path)
+    (reference,) = (tmp_path / "one" / "digits_global" / "multirun").iterdir()
+    for job, ref in (("0", "0"), ("1", "1")):
+        dist, one = final_parameters(sweep / job), final_parameters(reference / ref)
+        assert (dist - one).norm() / one.norm() < 1e-5
+        dist_history, one_history = read_rows(sweep / job / "history.csv"), read_rows(reference / ref / "history.csv")
+        assert [r["items_seen"] for r in dist_history] == [r["items_seen"] for r in one_history]
+        for a, b in zip(one_history, dist_history, strict=True):
+            assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5)
+        assert float(one_history[-1]["loss"]) < 0.5 * float(one_history[0]["loss"])
+    assert len(read_rows(sweep / "1" / "history.csv")) == 2 * 24  # ceil(1500 / 64) steps per epoch
+    assert (final_parameters(sweep / "0") - final_parameters(sweep / "1")).norm() > 1e-2
+
+
+def test_job_whose_slurm_tasks_do_not_match_the_trainer_ranks_is_refused(tmp_path):
+    args = [*SWEEP, "debug=fast", "hydra.launcher.tasks_per_node=1", f"paths.log_dir={tmp_path}"]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "This Slurm job has 1 tasks but the trainer has 2 ranks" in proc.stderr
+    assert not list(tmp_path.rglob("checkpoints"))
