@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from lightning_accum import SampleCountRescaler
 from lightning_accum.examples import Accumulation, ExampleDataModule
@@ -37,6 +37,7 @@ def test_every_group_has_its_options():
     assert set(options("trainer")) >= {"cpu", "ddp_cpu", "gpu", "ddp_gpu", "torchrun", "slurm"}
     assert set(options("logger")) >= {"csv", "tensorboard"}
     assert set(options("hydra/launcher")) >= {"parallel", "slurm"}
+    assert set(options("hparams_search")) >= {"digits_optuna", "lm_optuna"}
     for group in ("callbacks", "experiment", "debug"):
         assert options(group)
 
@@ -148,6 +149,16 @@ def test_launcher_options_instantiate(tmp_path, name, launcher):
     assert cfg.hydra.launcher._target_.endswith(launcher)
     if name != "basic":  # Hydra refuses to instantiate its own basic launcher from a config
         assert type(instantiate(cfg.hydra.launcher)).__name__ == launcher
+
+
+@pytest.mark.parametrize("name", options("hparams_search"))
+def test_hparams_search_options_build_and_search_keys_of_the_config(tmp_path, name):
+    cfg = compose_train(tmp_path, f"hparams_search={name}", hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and cfg.hydra.mode.name == "MULTIRUN"
+    assert sweeper.direction == ("maximize" if cfg.optimized_metric.endswith("acc") else "minimize")
+    assert all(OmegaConf.select(cfg, key) is not None for key in sweeper.params)
+    build(cfg)
 
 
 def test_slurm_launcher_takes_its_tasks_and_nodes_from_the_trainer(tmp_path):

@@ -45,22 +45,23 @@ def label_runs(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of the summary: run folder, label (see ``label_runs``), items seen, every final metric.
+    """Header and rows of the summary: run folder, label (see ``label_runs``), items of the first optimizer step
+    (the global batch, K x micro-batch x ranks, where each sample is one item), items seen, every final metric.
 
     Example::
 
         >>> header, rows = summary_rows([{"dir": "0", "label": "a=1", "metrics": {"val/loss": 0.5},
-        ...                               "history": [(10.0, 0.9)]}])
+        ...                               "history": [(4.0, 0.9), (8.0, 0.7)]}])
         >>> header, rows
-        (['run', 'overrides', 'items_seen', 'val/loss'], [['0', 'a=1', '10', '0.5']])
+        (['run', 'overrides', 'first_step_items', 'items_seen', 'val/loss'], [['0', 'a=1', '4', '8', '0.5']])
     """
     names = sorted({name for run in runs for name in run["metrics"]})
-    header = ["run", "overrides", "items_seen", *names]
+    header = ["run", "overrides", "first_step_items", "items_seen", *names]
     rows = []
     for run in runs:
-        items = f"{run['history'][-1][0]:.0f}" if run["history"] else ""
+        first, last = (f"{run['history'][i][0]:.0f}" for i in (0, -1)) if run["history"] else ("", "")
         values = [f"{run['metrics'][n]:.6g}" if n in run["metrics"] else "" for n in names]
-        rows.append([run["dir"], run["label"], items, *values])
+        rows.append([run["dir"], run["label"], first, last, *values])
     return header, rows
 
 
