@@ -116,12 +116,13 @@ class GlobalBatchSampler(Sampler[list[int]]):
     the last window leaves a rank's micro-batch empty it yields ``[PAD_INDEX]`` (``-1``) instead, and
     every rank yields the same number of micro-batches, so DDP cannot hang.
 
-    Use it with ``DataLoader(dataset, batch_sampler=GlobalBatchSampler(...))`` and
+    Use it with ``GlobalBatchLoader(dataset, GlobalBatchSampler(...))`` (``lightning_accum.loader``),
+    which Lightning checkpoints and resumes mid-epoch, and
     ``Trainer(use_distributed_sampler=False, accumulate_grad_batches=<the same K>)``. Lightning calls
     ``set_epoch`` on ``batch_sampler.sampler`` at every epoch start. ``state_dict``/``load_state_dict``
     save and restore the epoch and position. The position counts the micro-batches this sampler has
-    yielded: with ``num_workers=0`` that is the micro-batches trained (at ``on_train_batch_end``); workers
-    run ahead, so there set ``state["micro_batches"]`` to the number trained in the epoch before resuming.
+    yielded; ``DataLoader`` workers run ahead of training, which is why ``GlobalBatchLoader`` saves the
+    position of the batches it has delivered instead.
 
     Args:
         dataset_size: number of samples in the dataset.
@@ -178,7 +179,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
                 f"num_replicas * accumulate_grad_batches * micro_batch_size = {self.effective_batch_size}. "
                 "Use drop_last=False or a smaller micro_batch_size or accumulate_grad_batches."
             )
-        self._start = 0  # micro-batch index the next iteration starts at (set by load_state_dict)
+        self._resume: tuple[int, int] | None = None  # (epoch, micro-batch) where that epoch's next iteration starts
         self._yielded = 0  # micro-batches yielded so far in the current epoch
 
     @property
@@ -195,10 +196,15 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return self.sampler.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (same as ``sampler.set_epoch``); a pending resume position of another epoch is dropped."""
-        if epoch != self.epoch:
-            self._start = 0
+        """Select the epoch (same as ``sampler.set_epoch``); a resume position applies to its own epoch only."""
         self.sampler.set_epoch(epoch)
+
+    @property
+    def start(self) -> int:
+        """The micro-batch the next iteration starts at: the resume position if it is this epoch's, else 0."""
+        if self._resume is None or self._resume[0] != self.epoch:
+            return 0
+        return self._resume[1]
 
     def _windows(self) -> tuple[int, int]:
         """Return ``(number of full windows, samples in the last partial window)`` of one epoch."""
@@ -214,7 +220,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         order = self.sampler.indices()
         size = self.effective_batch_size
         full, rest = self._windows()
-        start, self._start = self._start, 0
+        start, self._resume = self.start, None
         self._yielded = start
         position = 0
         for step in range(full + (rest > 0)):
@@ -241,7 +247,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume: the next iteration continues the saved epoch after the saved position.
+        """Resume: the next iteration of the saved epoch continues after the saved position (another epoch is whole).
 
         The dataset size, shuffle, seed, drop_last and effective batch must match the saved ones. The split
         (``num_replicas``, ``accumulate_grad_batches``, ``micro_batch_size``) may differ when the position
@@ -260,20 +266,27 @@ class GlobalBatchSampler(Sampler[list[int]]):
                 f"Cannot resume: the saved effective batch is {saved_e} samples per step, this sampler's is "
                 f"{self.effective_batch_size}. Keep num_replicas * accumulate_grad_batches * micro_batch_size equal."
             )
+        full, rest = self._windows()  # the same for every split of the same effective batch
+        saved_r, saved_b = state_dict["num_replicas"], state_dict["micro_batch_size"]
+        saved_length = full * saved_k + math.ceil(rest / (saved_r * saved_b))
         steps, within = divmod(state_dict["micro_batches"], saved_k)
-        same_split = (state_dict["num_replicas"], saved_k, state_dict["micro_batch_size"]) == (
+        same_split = (saved_r, saved_k, saved_b) == (
             self.num_replicas,
             self.accumulate_grad_batches,
             self.micro_batch_size,
         )
-        if within and not same_split:
+        if state_dict["micro_batches"] >= saved_length:  # the saved epoch is complete
+            position = len(self)
+        elif within and not same_split:
             raise ValueError(
                 f"Cannot resume with a different split {within} micro-batches into an optimizer step; resume with "
                 "the saved num_replicas, accumulate_grad_batches and micro_batch_size, or from a step boundary."
             )
+        else:
+            position = steps * self.accumulate_grad_batches + within
         self.sampler.set_epoch(state_dict["epoch"])
-        self._start = steps * self.accumulate_grad_batches + within
-        self._yielded = self._start
+        self._resume = (state_dict["epoch"], position)
+        self._yielded = self.start
 
     def _setting(self, key: str) -> Any:
         return getattr(self.sampler, key) if key in ("shuffle", "seed") else getattr(self, key)

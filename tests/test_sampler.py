@@ -149,6 +149,30 @@ def test_resume_at_step_boundary_with_another_split() -> None:
     assert step_sets(resumed, 1) == expected_steps(30, 8, seed=9, epoch=0)[2:]
 
 
+def test_resume_position_belongs_to_its_epoch() -> None:
+    # Lightning sets the epoch on batch_sampler.sampler, bypassing GlobalBatchSampler.set_epoch.
+    sampler = GlobalBatchSampler(30, 2, 4, num_replicas=1, rank=0, seed=9)
+    state = {**sampler.state_dict(), "epoch": 1, "micro_batches": 8}
+    sampler.load_state_dict(state)
+    sampler.sampler.set_epoch(2)
+    whole = GlobalBatchSampler(30, 2, 4, num_replicas=1, rank=0, seed=9)
+    whole.set_epoch(2)
+    assert list(sampler) == list(whole)
+
+
+def test_resume_after_a_complete_epoch_with_another_split() -> None:
+    # 1 x K=4 x B=2 has 4 * 3 + 3 = 15 micro-batches in an epoch of 30; 2 x K=1 x B=4 has 4 per rank.
+    done = GlobalBatchSampler(30, 2, 4, num_replicas=1, rank=0, seed=9)
+    assert len(done) == len(list(done)) == 15
+    state = {**done.state_dict(), "micro_batches": 15}
+    resumed = GlobalBatchSampler(30, 4, 1, num_replicas=2, rank=1, seed=9)
+    resumed.load_state_dict(state)
+    assert resumed.start == len(resumed) == 4
+    assert list(resumed) == []
+    resumed.set_epoch(1)
+    assert len(list(resumed)) == 4
+
+
 def test_resume_errors_name_the_mismatch() -> None:
     state = GlobalBatchSampler(30, 2, 4, num_replicas=1, rank=0, seed=9).state_dict()
     with pytest.raises(ValueError, match=r"saved sampler has seed=9, this one 1\. .*seed=9"):
