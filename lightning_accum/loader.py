@@ -1,0 +1,110 @@
+"""``GlobalBatchLoader``: a ``DataLoader`` over a ``GlobalBatchSampler`` that Lightning resumes mid-epoch.
+
+Lightning (2.6.6, measured) saves ``state_dict()`` of every training ``DataLoader`` that has ``state_dict`` and
+``load_state_dict`` into the checkpoint (``loops.fit_loop.state_dict.combined_loader``), and on a mid-epoch
+resume calls ``load_state_dict`` before it asks the loader for an iterator. It does not skip batches itself:
+a loader without state starts the epoch over. For a loader with a length, Lightning's training fetcher takes
+no batch ahead, so the batches this loader has delivered are the batches training has consumed; the
+sampler itself runs ahead of them by ``prefetch_factor * num_workers`` micro-batches when workers load data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_accum.sampler import GlobalBatchSampler
+
+
+def _check_lightning_restores_state_of(loader: DataLoader) -> None:
+    """Fail loudly if this Lightning would not save and restore ``loader``'s state (private parts it relies on)."""
+    fix = "Install lightning>=2.5,<2.7, or save and load GlobalBatchSampler.state_dict() yourself."
+    try:
+        from lightning.fabric.utilities.types import _Stateful
+        from lightning.pytorch.utilities.combined_loader import CombinedLoader
+    except ImportError as error:
+        raise RuntimeError(
+            f"GlobalBatchLoader relies on Lightning checkpointing stateful loaders ({error}). {fix}"
+        ) from error
+    missing = [
+        f"CombinedLoader.{name}" for name in ("_state_dicts", "_load_state_dicts") if not hasattr(CombinedLoader, name)
+    ]
+    if not isinstance(loader, _Stateful):
+        missing.append("recognition as _Stateful")
+    if missing:
+        raise RuntimeError(f"This Lightning lacks {', '.join(missing)}: it would not resume GlobalBatchLoader. {fix}")
+
+
+class GlobalBatchLoader(DataLoader):
+    """``DataLoader(dataset, batch_sampler=sampler)`` whose state is the position of the batches it delivered.
+
+    ``state_dict()`` is the sampler's state with ``epoch`` and ``micro_batches`` set to the batches this
+    loader's iterator has handed out (not how far workers have pulled indices from the sampler);
+    ``load_state_dict`` makes the next iteration of that epoch start right after them. Lightning calls
+    both, so ``trainer.fit(model, ckpt_path=...)`` from a mid-epoch checkpoint continues the epoch with
+    the next unseen micro-batch. The iterator asks the sampler for indices only at its first batch, after
+    Lightning's ``set_epoch``, so workers never prefetch a stale epoch. Other keyword arguments
+    (``collate_fn``, ``num_workers``, ...) go to ``DataLoader``.
+
+    Example::
+
+        >>> loader = GlobalBatchLoader(list(range(10)), GlobalBatchSampler(10, 2, shuffle=False))
+        >>> batches = iter(loader)
+        >>> next(batches).tolist(), next(batches).tolist()
+        ([0, 1], [2, 3])
+        >>> state = loader.state_dict()
+        >>> state["epoch"], state["micro_batches"]
+        (0, 2)
+        >>> resumed = GlobalBatchLoader(list(range(10)), GlobalBatchSampler(10, 2, shuffle=False))
+        >>> resumed.load_state_dict(state)
+        >>> [batch.tolist() for batch in resumed]
+        [[4, 5], [6, 7], [8, 9]]
+    """
+
+    batch_sampler: GlobalBatchSampler
+
+    def __init__(self, dataset: Dataset, batch_sampler: GlobalBatchSampler, **kwargs: Any) -> None:
+        if not isinstance(batch_sampler, GlobalBatchSampler):
+            raise TypeError(
+                f"GlobalBatchLoader needs a GlobalBatchSampler, got {type(batch_sampler).__name__}. "
+                "Use a plain DataLoader for other samplers."
+            )
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+        self._position: tuple[int, int] | None = None  # (epoch, micro-batches delivered) of the last iteration
+        _check_lightning_restores_state_of(self)
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler = self.batch_sampler
+        epoch, delivered = sampler.epoch, sampler.start  # read before workers pull indices, which resets start
+        self._position = (epoch, delivered)
+        for batch in super().__iter__():
+            delivered += 1
+            self._position = (epoch, delivered)
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's state at the position of the micro-batches delivered in the current (or last) epoch."""
+        state = self.batch_sampler.state_dict()
+        if self._position is not None:
+            state["epoch"], state["micro_batches"] = self._position
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the sampler at the saved position (see ``GlobalBatchSampler.load_state_dict``).
+
+        The split (``num_replicas``, ``accumulate_grad_batches``, ``micro_batch_size``) must be the saved one:
+        Lightning restores its own batch counters in micro-batches of the saved split.
+        """
+        sampler = self.batch_sampler
+        saved = tuple(state_dict[key] for key in ("num_replicas", "accumulate_grad_batches", "micro_batch_size"))
+        ours = (sampler.num_replicas, sampler.accumulate_grad_batches, sampler.micro_batch_size)
+        if saved != ours:
+            raise ValueError(
+                "Cannot resume with another split: the checkpoint has (num_replicas, accumulate_grad_batches, "
+                f"micro_batch_size) = {saved}, this loader {ours}, and Lightning counts the batches of the resumed "
+                f"run in the saved split. Resume with {saved}."
+            )
+        sampler.load_state_dict(state_dict)
+        self._position = None

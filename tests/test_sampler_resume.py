@@ -1,0 +1,177 @@
+"""Mid-epoch resume through Lightning: ``GlobalBatchLoader`` continues exactly; a plain ``DataLoader`` replays.
+
+A run saves a checkpoint two optimizer steps into epoch 1 (or after the last batch of epoch 0) and stops;
+a new Trainer resumes from it. The final parameters must equal a plain-PyTorch run that never stopped:
+step ``s`` of epoch ``e`` takes the item mean over window ``s`` of ``randperm(SEED + e)``, cut into
+windows of ``E = 8`` samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning_cases import CLASSES, FEATURES, make_net
+from reference import MicroBatch, flat_parameters, item_losses, relative_distance, train_reference
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from lightning_accum import GlobalBatchLoader, GlobalBatchSampler, SampleCountMixin, SampleCountRescaler
+from lightning_accum.examples.datasets import FeatureDataset
+
+SAMPLES, EFFECTIVE, EPOCHS, SEED, LR = 25, 8, 3, 5, 0.3  # 3 full windows + 1 sample per epoch: tail padding
+MID_EPOCH, EPOCH_END = 6, 4  # global steps to stop at: epoch 0 has steps 1..4, epoch 1 has steps 5..8
+SPLITS = {1: (2, 4), 2: (2, 2)}  # ranks -> (accumulation K, micro-batch size), E = ranks * K * B = 8
+
+
+def dataset() -> FeatureDataset:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(SAMPLES, FEATURES, generator=gen)
+    return FeatureDataset(x, torch.randint(0, CLASSES, (SAMPLES,), generator=gen))
+
+
+def make_optimizer(net: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
+
+
+class ResumableModule(SampleCountMixin, pl.LightningModule):
+    """Exact item-mean loss over a ``GlobalBatchLoader`` (or, with ``stateful=False``, a plain ``DataLoader``)."""
+
+    def __init__(self, ranks: int, num_workers: int, stateful: bool = True) -> None:
+        super().__init__()
+        self.net = make_net()
+        self.ranks, self.num_workers, self.stateful = ranks, num_workers, stateful
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self.sample_loss(*item_losses(self.net, (batch["x"], batch["y"], batch["valid"])))
+
+    def train_dataloader(self) -> DataLoader:
+        k, b = SPLITS[self.ranks]
+        sampler = GlobalBatchSampler(SAMPLES, b, k, seed=SEED)
+        loader = GlobalBatchLoader if self.stateful else DataLoader
+        # fork: under ddp_spawn the default would start every worker as a fresh interpreter, seconds each
+        context = "fork" if self.num_workers else None
+        return loader(dataset(), batch_sampler=sampler, num_workers=self.num_workers, multiprocessing_context=context)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.net)
+
+
+class SaveAndStop(pl.Callback):
+    """At global step ``stop_step``: save ``path`` and stop. Before, check and record the loader's position."""
+
+    def __init__(self, path: Path, stop_step: int) -> None:
+        self.path = path
+        self.stop_step = stop_step
+        self.positions: list[tuple[int, int, int]] = []  # (batch_idx, loader position, sampler position)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        loader = trainer.train_dataloader
+        if isinstance(loader, GlobalBatchLoader):
+            state = loader.state_dict()
+            assert (state["epoch"], state["micro_batches"]) == (trainer.current_epoch, batch_idx + 1)
+            self.positions.append(
+                (batch_idx, state["micro_batches"], loader.batch_sampler.state_dict()["micro_batches"])
+            )
+        if trainer.global_step == self.stop_step:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def trainer(ranks: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=ranks,
+        strategy="ddp_spawn" if ranks > 1 else "auto",
+        max_epochs=EPOCHS,
+        accumulate_grad_batches=SPLITS[ranks][0],
+        use_distributed_sampler=False,
+        callbacks=[SampleCountRescaler(), *callbacks],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def fit_with_resume(
+    tmp_path: Path, ranks: int, num_workers: int, stop_step: int = MID_EPOCH, stateful: bool = True
+) -> tuple[Tensor, SaveAndStop]:
+    """Fit until ``stop_step``, then fit a new module with a new Trainer from the checkpoint; final parameters."""
+    stop = SaveAndStop(tmp_path / "resume.ckpt", stop_step)
+    trainer(ranks, [stop]).fit(ResumableModule(ranks, num_workers, stateful))
+    resumed = ResumableModule(ranks, num_workers, stateful)
+    trainer(ranks, []).fit(resumed, ckpt_path=stop.path)
+    return flat_parameters(resumed.net), stop
+
+
+def windows(orders: list[list[int]], cuts: list[list[tuple[int, int]]]) -> list[list[MicroBatch]]:
+    """One reference window per ``(start, end)`` slice of its epoch's order, every sample counted."""
+    data = dataset()
+    return [
+        [(data.x[order[a:b]], data.y[order[a:b]], None)]
+        for order, epoch in zip(orders, cuts, strict=True)
+        for a, b in epoch
+    ]
+
+
+def epoch_orders() -> list[list[int]]:
+    return [torch.randperm(SAMPLES, generator=torch.Generator().manual_seed(SEED + e)).tolist() for e in range(EPOCHS)]
+
+
+def final_parameters(cuts: list[list[tuple[int, int]]]) -> tuple[Tensor, Tensor]:
+    """Initial and final parameters of plain PyTorch over these windows."""
+    run = train_reference(make_net(), windows(epoch_orders(), cuts), make_optimizer)
+    return flat_parameters(make_net()), run.parameters
+
+
+WHOLE_EPOCH = [(s, min(s + EFFECTIVE, SAMPLES)) for s in range(0, SAMPLES, EFFECTIVE)]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted() -> tuple[Tensor, Tensor]:
+    return final_parameters([WHOLE_EPOCH] * EPOCHS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("ranks", "num_workers", "stop_step"),
+    [(1, 0, MID_EPOCH), (1, 2, MID_EPOCH), (2, 0, MID_EPOCH), (2, 2, MID_EPOCH), (1, 2, EPOCH_END)],
+    ids=["1rank-0workers", "1rank-2workers", "2ranks-0workers", "2ranks-2workers", "1rank-2workers-epoch_end"],
+)
+def test_global_batch_loader_resumes_exactly(tmp_path, uninterrupted, measured, ranks, num_workers, stop_step) -> None:
+    parameters, stop = fit_with_resume(tmp_path, ranks, num_workers, stop_step)
+    initial, final = uninterrupted
+    distance = relative_distance(parameters, final, initial)
+    assert measured(distance) < 1e-5, f"resumed run is {distance:.2e} of the update away from the reference"
+    if ranks == 1:  # under ddp_spawn the records stay in the spawned processes (which check the position)
+        ahead = max(sampler - loader for _, loader, sampler in stop.positions)
+        assert ahead == (4 if num_workers else 0)  # workers pull prefetch_factor (2) * num_workers indices ahead
+
+
+@pytest.mark.slow
+def test_plain_dataloader_resume_replays_the_start_of_the_epoch(tmp_path, uninterrupted, measured) -> None:
+    """Lightning skips nothing for a loader without state: epoch 1 restarts and stops at its batch count.
+
+    Single process, K=2, B=4: 7 micro-batches per epoch (3 windows of 2 x 4, then 1 sample). The checkpoint
+    follows micro-batch 4 of epoch 1; the resumed Trainer runs batch_idx 4..6 on micro-batches 0..2 again.
+    """
+    parameters, _ = fit_with_resume(tmp_path, ranks=1, num_workers=0, stateful=False)
+    initial, final = uninterrupted
+    replayed = [(0, 8), (8, 16), (0, 8), (8, 12)]  # trained, trained, replayed window 0, half of window 1
+    replay_initial, replay_final = final_parameters([WHOLE_EPOCH, replayed, WHOLE_EPOCH])
+    assert relative_distance(parameters, replay_final, replay_initial) < 1e-5
+    assert measured(relative_distance(parameters, final, initial)) > 1e-2
+
+
+def test_global_batch_loader_refuses_another_split_and_other_samplers() -> None:
+    state = GlobalBatchLoader(dataset(), GlobalBatchSampler(SAMPLES, 4, 2, num_replicas=1, rank=0)).state_dict()
+    other_split = GlobalBatchLoader(dataset(), GlobalBatchSampler(SAMPLES, 2, 4, num_replicas=1, rank=0))
+    with pytest.raises(
+        ValueError, match=r"another split: the checkpoint has .* = \(1, 2, 4\), this loader \(1, 4, 2\)"
+    ):
+        other_split.load_state_dict(state)
+    with pytest.raises(TypeError, match="needs a GlobalBatchSampler, got BatchSampler"):
+        GlobalBatchLoader(dataset(), DataLoader(dataset(), batch_size=2).batch_sampler)
