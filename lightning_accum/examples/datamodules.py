@@ -1,10 +1,11 @@
 """LightningDataModules of the example app: synthetic regression, scikit-learn digits, stdlib text.
 
 Each takes ``sampler="default"`` (a shuffled ``DataLoader``; Lightning adds a ``DistributedSampler``
-under DDP) or ``sampler="global"`` (``lightning_accum.GlobalBatchSampler``: every optimizer step sees
-the same global set of samples whatever the number of ranks; needs ``use_distributed_sampler=False``,
-which ``trainer_kwargs()`` returns). ``accumulate_grad_batches`` is the run's K (an int or an
-epoch -> K mapping), which the global sampler needs to form windows.
+under DDP) or ``sampler="global"`` (a ``lightning_accum.GlobalBatchLoader`` over a ``GlobalBatchSampler``:
+every optimizer step sees the same global set of samples whatever the number of ranks, and a mid-epoch
+checkpoint resumes at the next unseen micro-batch; needs ``use_distributed_sampler=False``, which
+``trainer_kwargs()`` returns). ``accumulate_grad_batches`` is the run's K (an int or an epoch -> K
+mapping), which the global sampler needs to form windows.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class ExampleDataModule(pl.LightningDataModule):
         common = {"collate_fn": self.collate_fn(), "num_workers": self.num_workers}
         if self.sampler == "default":
             return DataLoader(dataset, batch_size=self.micro_batch_size, shuffle=train and self.shuffle, **common)
-        from lightning_accum import GlobalBatchSampler
+        from lightning_accum import GlobalBatchLoader, GlobalBatchSampler
 
         world_size, rank, epoch = self._ranks()
         batch_sampler = GlobalBatchSampler(
@@ -101,7 +102,7 @@ class ExampleDataModule(pl.LightningDataModule):
             shuffle=train and self.shuffle,
             seed=self.seed,
         )
-        return DataLoader(dataset, batch_sampler=batch_sampler, **common)
+        return GlobalBatchLoader(dataset, batch_sampler, **common)
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
