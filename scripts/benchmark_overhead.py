@@ -58,9 +58,13 @@ class Net(pl.LightningModule):
 
 
 class NaiveNet(Net):
+    """What users write today: the micro-batch mean, logged in ``training_step`` (the rescaler logs its own)."""
+
     def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
         losses, mask = self.token_losses(batch)
-        return (losses * mask).sum() / mask.sum()
+        loss = (losses * mask).sum() / mask.sum()
+        self.log("train/loss", loss)
+        return loss
 
 
 class ExactNet(SampleCountMixin, Net):
