@@ -101,3 +101,21 @@ def test_job_whose_slurm_tasks_do_not_match_the_trainer_ranks_is_refused(tmp_pat
     assert proc.returncode != 0
     assert "This Slurm job has 1 tasks but the trainer has 2 ranks" in proc.stderr
     assert not list(tmp_path.rglob("checkpoints"))
+
+
+def test_srun_launch_writes_one_run_folder_and_equals_one_process(tmp_path, measured):
+    # What an sbatch script does: srun starts the 2 ranks itself, without Hydra's launcher.
+    # Lightning reads the ranks per node from --ntasks-per-node (it refuses a bare --ntasks).
+    srun = ["srun", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--mem=4G", "--job-name=train"]
+    overrides = ["trainer=slurm", *COMMON, "accumulation.k=2", f"paths.log_dir={tmp_path / 'srun'}"]
+    out = run([*srun, sys.executable, TRAIN, *overrides], cwd=tmp_path)
+    assert out.count("Final metrics:") == 1  # printed by rank 0 only
+    (folder,) = (tmp_path / "srun" / "digits_global" / "runs").iterdir()
+    assert folder.name.startswith("slurm_")  # the job and step id, which both tasks share
+    assert [p.name for p in run_dirs(tmp_path / "srun")] == [folder.name]
+    assert sorted(p.name for p in (folder / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+
+    run([sys.executable, TRAIN, *COMMON, "accumulation.k=4", f"paths.log_dir={tmp_path / 'one'}"], cwd=tmp_path)
+    (one,) = run_dirs(tmp_path / "one")
+    dist, reference = final_parameters(folder), final_parameters(one)
+    assert measured((dist - reference).norm() / reference.norm()) < 1e-5

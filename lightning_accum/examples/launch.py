@@ -1,4 +1,4 @@
-"""Launch helpers for ``scripts/train.py``: one output folder per run under torchrun, logs from rank 0 only."""
+"""Launch helpers for ``scripts/train.py``: one output folder per run under torchrun or srun, logs from rank 0 only."""
 
 from __future__ import annotations
 
@@ -68,14 +68,24 @@ def nonzero_rank_overrides(argv: Sequence[str], env: Mapping[str, str]) -> list[
 
 
 def share_run_stamp(env: Mapping[str, str], timeout_s: float = 300.0) -> str | None:
-    """Under torchrun, return the run folder's time stamp chosen by rank 0 (``None`` outside torchrun).
+    """The run folder's stamp that every rank of a torchrun or srun launch shares (``None`` for one process).
 
-    Rank 0 takes the time and publishes it in torchrun's agent key-value store; the other ranks wait for
-    it, so all ranks of a job agree even when they start in different seconds. Without an agent store
-    the stamp is torchrun's run id, which every rank of a job shares.
+    Under torchrun, rank 0 takes the time and publishes it in torchrun's agent key-value store; the other
+    ranks wait for it, so all ranks of a job agree even when they start in different seconds. Without an
+    agent store the stamp is torchrun's run id. Under ``srun`` (each Slurm task one rank) it is the Slurm
+    job and step id, which every task of the step shares.
+
+    Example::
+
+        >>> share_run_stamp({"SLURM_NTASKS": "2", "SLURM_JOB_ID": "41", "SLURM_STEP_ID": "0", "SLURM_JOB_NAME": "t"})
+        'slurm_41.0'
+        >>> share_run_stamp({}) is None
+        True
     """
     run_id = env.get("TORCHELASTIC_RUN_ID")
     if run_id is None:
+        if slurm_tasks(env) is not None and "SLURM_JOB_ID" in env:
+            return f"slurm_{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '0')}"
         return None
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return f"torchrun_{run_id}"
@@ -89,7 +99,7 @@ def share_run_stamp(env: Mapping[str, str], timeout_s: float = 300.0) -> str | N
 
 
 def prepare_process(argv: list[str], env: os._Environ | dict[str, str]) -> None:
-    """Before Hydra starts: share the torchrun run stamp through ``env`` and quiet the non-zero ranks."""
+    """Before Hydra starts: share the torchrun or srun run stamp through ``env`` and quiet the non-zero ranks."""
     if RUN_STAMP_ENV not in env:
         stamp = share_run_stamp(env)
         if stamp is not None:
