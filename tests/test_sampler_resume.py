@@ -8,11 +8,13 @@ windows of ``E = 8`` samples.
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from distributed_exit import ReleaseProcessGroup
 from lightning_cases import CLASSES, FEATURES, make_net
 from reference import MicroBatch, flat_parameters, item_losses, relative_distance, train_reference
 from torch import Tensor, nn
@@ -51,8 +53,13 @@ class ResumableModule(SampleCountMixin, pl.LightningModule):
         k, b = SPLITS[self.ranks]
         sampler = GlobalBatchSampler(SAMPLES, b, k, seed=SEED)
         loader = GlobalBatchLoader if self.stateful else DataLoader
-        # fork: under ddp_spawn the default would start every worker as a fresh interpreter, seconds each
-        context = "fork" if self.num_workers else None
+        # Workers must not be forked from a process whose gloo group is alive (its threads can leave a
+        # lock held in the child, which then hangs): forkserver forks them from a clean server process that
+        # has torch preloaded, so they start in well under a second (spawn would import torch in each).
+        context = None
+        if self.num_workers:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["torch", "lightning_accum"])
         return loader(dataset(), batch_sampler=sampler, num_workers=self.num_workers, multiprocessing_context=context)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -88,7 +95,7 @@ def trainer(ranks: int, callbacks: list[pl.Callback]) -> pl.Trainer:
         max_epochs=EPOCHS,
         accumulate_grad_batches=SPLITS[ranks][0],
         use_distributed_sampler=False,
-        callbacks=[SampleCountRescaler(), *callbacks],
+        callbacks=[SampleCountRescaler(), *callbacks, ReleaseProcessGroup()],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
