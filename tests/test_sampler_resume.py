@@ -62,21 +62,31 @@ class ResumableModule(SampleCountMixin, pl.LightningModule):
             context.set_forkserver_preload(["torch", "lightning_accum"])
         return loader(dataset(), batch_sampler=sampler, num_workers=self.num_workers, multiprocessing_context=context)
 
+    def count_items(self, batch: dict[str, Tensor]) -> Tensor:
+        return batch["valid"].sum()
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return make_optimizer(self.net)
 
 
 class SaveAndStop(pl.Callback):
-    """At global step ``stop_step``: save ``path`` and stop. Before, check and record the loader's position."""
+    """At global step ``stop_step``: save ``path`` and stop. Before, check and record the loader's position.
 
-    def __init__(self, path: Path, stop_step: int) -> None:
+    The loader's position equals the batches trained after every batch, or with ``every_batch=False`` (look-ahead
+    mode, which reads a window's batches at its start) after the last batch of each window.
+    """
+
+    def __init__(self, path: Path, stop_step: int, every_batch: bool = True) -> None:
         self.path = path
         self.stop_step = stop_step
+        self.every_batch = every_batch
+        self.steps_seen = 0
         self.positions: list[tuple[int, int, int]] = []  # (batch_idx, loader position, sampler position)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loader = trainer.train_dataloader
-        if isinstance(loader, GlobalBatchLoader):
+        stepped, self.steps_seen = trainer.global_step > self.steps_seen, trainer.global_step
+        if isinstance(loader, GlobalBatchLoader) and (self.every_batch or stepped):
             state = loader.state_dict()
             assert (state["epoch"], state["micro_batches"]) == (trainer.current_epoch, batch_idx + 1)
             self.positions.append(
@@ -87,7 +97,7 @@ class SaveAndStop(pl.Callback):
             trainer.should_stop = True
 
 
-def trainer(ranks: int, callbacks: list[pl.Callback]) -> pl.Trainer:
+def trainer(ranks: int, callbacks: list[pl.Callback], mode: str = "deferred") -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
         devices=ranks,
@@ -95,7 +105,7 @@ def trainer(ranks: int, callbacks: list[pl.Callback]) -> pl.Trainer:
         max_epochs=EPOCHS,
         accumulate_grad_batches=SPLITS[ranks][0],
         use_distributed_sampler=False,
-        callbacks=[SampleCountRescaler(), *callbacks, ReleaseProcessGroup()],
+        callbacks=[SampleCountRescaler(mode=mode), *callbacks, ReleaseProcessGroup()],
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -104,13 +114,18 @@ def trainer(ranks: int, callbacks: list[pl.Callback]) -> pl.Trainer:
 
 
 def fit_with_resume(
-    tmp_path: Path, ranks: int, num_workers: int, stop_step: int = MID_EPOCH, stateful: bool = True
+    tmp_path: Path,
+    ranks: int,
+    num_workers: int,
+    stop_step: int = MID_EPOCH,
+    stateful: bool = True,
+    mode: str = "deferred",
 ) -> tuple[Tensor, SaveAndStop]:
     """Fit until ``stop_step``, then fit a new module with a new Trainer from the checkpoint; final parameters."""
-    stop = SaveAndStop(tmp_path / "resume.ckpt", stop_step)
-    trainer(ranks, [stop]).fit(ResumableModule(ranks, num_workers, stateful))
+    stop = SaveAndStop(tmp_path / "resume.ckpt", stop_step, every_batch=mode == "deferred")
+    trainer(ranks, [stop], mode).fit(ResumableModule(ranks, num_workers, stateful))
     resumed = ResumableModule(ranks, num_workers, stateful)
-    trainer(ranks, []).fit(resumed, ckpt_path=stop.path)
+    trainer(ranks, [], mode).fit(resumed, ckpt_path=stop.path)
     return flat_parameters(resumed.net), stop
 
 
@@ -156,6 +171,16 @@ def test_global_batch_loader_resumes_exactly(tmp_path, uninterrupted, measured, 
     if ranks == 1:  # under ddp_spawn the records stay in the spawned processes (which check the position)
         ahead = max(sampler - loader for _, loader, sampler in stop.positions)
         assert ahead == (4 if num_workers else 0)  # workers pull prefetch_factor (2) * num_workers indices ahead
+
+
+@pytest.mark.slow
+def test_lookahead_mode_resumes_exactly(tmp_path, uninterrupted, measured) -> None:
+    # Look-ahead reads each window's batches at its start; a checkpoint at the window's end still saves the
+    # position of the batches trained, so the resumed window starts at the next unseen micro-batch.
+    parameters, stop = fit_with_resume(tmp_path, ranks=1, num_workers=2, mode="lookahead")
+    initial, final = uninterrupted
+    assert measured(relative_distance(parameters, final, initial)) < 1e-5
+    assert len(stop.positions) == MID_EPOCH
 
 
 @pytest.mark.slow
