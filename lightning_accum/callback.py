@@ -171,6 +171,13 @@ class SampleCountRescaler(Callback):
         """
         k = trainer.accumulate_grad_batches
         if batch_idx % k != 0:
+            if self._lookahead_items is None:
+                raise RuntimeError(
+                    f"SampleCountRescaler(mode='lookahead') cannot start in the middle of a window (batch "
+                    f"{batch_idx}, K={k}): its first batches were trained before this fit resumed from a "
+                    "checkpoint saved mid-window. Save checkpoints at step boundaries "
+                    "(ModelCheckpoint(every_n_train_steps=...)), or use the default mode."
+                )
             if k != self._lookahead_k:
                 raise RuntimeError(
                     f"accumulate_grad_batches changed from {self._lookahead_k} to {k} inside a window "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -59,6 +60,7 @@ def fit(
     strategy: str = "auto",
     devices: int = 1,
     logger: pl.loggers.Logger | bool = False,
+    ckpt_path: str | Path | None = None,
     **trainer_kwargs: Any,
 ) -> pl.Trainer:
     callbacks = list(callbacks)
@@ -74,7 +76,7 @@ def fit(
         )
         trainer_kwargs.setdefault("gradient_clip_algorithm", "value" if case.clip_value is not None else "norm")
     trainer = planned_trainer(case, callbacks, strategy, devices, logger, **trainer_kwargs)
-    trainer.fit(module)
+    trainer.fit(module, ckpt_path=ckpt_path)
     return trainer
 
 

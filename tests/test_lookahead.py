@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
@@ -98,6 +99,25 @@ def test_empty_window_leaves_optimizer_state_untouched() -> None:
         trainer = fit(case, module, [SampleCountRescaler(mode="lookahead")])
     assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {4}  # 6 windows, 2 empty
     assert reference_distance(case, module.net) <= EXACT_TOLERANCE
+
+
+class SaveMidWindowAndStop(pl.Callback):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if batch_idx == 1:  # K=3: the first window is two batches in
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def test_resume_from_a_mid_window_checkpoint_fails_with_the_fix(tmp_path: Path) -> None:
+    case = Case(plan=varied_sizes_plan(), accumulation=3, epochs=1)
+    stop = SaveMidWindowAndStop(tmp_path / "mid_window.ckpt")
+    fit(case, CountingModule(make_net(), case), [SampleCountRescaler(mode="lookahead"), stop])
+    resumed = CountingModule(make_net(), case)
+    with pytest.raises(RuntimeError, match=r"cannot start in the middle of a window \(batch 2, K=3\).*every_n_train"):
+        fit(case, resumed, [SampleCountRescaler(mode="lookahead")], ckpt_path=stop.path)
 
 
 class DriftingCountModule(CountingModule):
