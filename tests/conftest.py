@@ -13,11 +13,11 @@ MEASURED: dict[str, float] = {}
 
 
 @pytest.fixture
-def measured(request: pytest.FixtureRequest) -> Callable[[float], float]:
-    """``measured(value)`` records ``value`` under the test's id and returns it, for use inside an assert."""
+def measured(request: pytest.FixtureRequest) -> Callable[..., float]:
+    """``measured(value, label="")`` records ``value`` under the test's id (and label); returns it, for an assert."""
 
-    def record(value: float) -> float:
-        MEASURED[request.node.nodeid] = float(value)
+    def record(value: float, label: str = "") -> float:
+        MEASURED[f"{request.node.nodeid} {label}".rstrip()] = float(value)
         return value
 
     return record
