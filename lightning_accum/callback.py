@@ -10,9 +10,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from torch.autograd.graph import Node
 
 from lightning_accum.counting import masked_sum_and_count
-from lightning_accum.lookahead import lookahead_loss_factor, upcoming_batches
+from lightning_accum.graph import backpropagates_only
+from lightning_accum.lookahead import as_count, lookahead_loss_factor, upcoming_batches
+from lightning_accum.sampler import GlobalBatchSampler
 from lightning_accum.scaling import scale_gradients_, window_rescale_factor
 from lightning_accum.support import require_supported_precision, require_supported_strategy
 from lightning_accum.window import ItemWindow
@@ -35,7 +38,8 @@ class SampleCountRescaler(Callback):
       touched. At the step, one more all-reduce checks that count against the masks ``sample_loss`` saw
       and gives the logged loss.
 
-    A window whose global count is 0 leaves parameters and optimizer state untouched. It logs, per
+    A window whose global count is 0 leaves parameters and optimizer state untouched (Lightning still
+    counts the step: ``global_step`` and step-interval LR schedulers advance). It logs, per
     optimizer step, ``loss_name`` (the window's global item-mean loss) and ``items_name`` (its global
     item count), and at each epoch end ``epoch_loss_name`` (the item-weighted mean over the epoch). A step
     that fp16 loss scaling skips (inf/nan gradients) still logs its window, whose counts are then dropped.
@@ -85,10 +89,14 @@ class SampleCountRescaler(Callback):
         self.prog_bar = prog_bar
         self.mode = mode
         self.count_items = count_items
+        self._start_fit()
+
+    def _start_fit(self) -> None:
+        """Forget everything a previous fit left (a fit stopped mid-window leaves a partial window)."""
         self._window = ItemWindow()
         self._items_per_micro_batch: Tensor | None = None
         self._epoch_totals: Tensor | None = None
-        self._losses_this_batch = 0
+        self._recorded: list[Node | object] = []  # grad_fn of each sample_loss output since the last backward
         self._lookahead_items: Tensor | None = None  # the window's global count, look-ahead mode
         self._lookahead_k = 0
 
@@ -101,6 +109,7 @@ class SampleCountRescaler(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._start_fit()  # before Lightning restores a checkpoint's state into this callback
         from lightning_accum.mixin import SampleCountMixin
 
         rescalers = [cb for cb in trainer.callbacks if isinstance(cb, SampleCountRescaler)]
@@ -138,25 +147,34 @@ class SampleCountRescaler(Callback):
         """Count one micro-batch's items into the window and return the loss to backpropagate."""
         loss_sum, items = masked_sum_and_count(losses, mask)
         self._window.add(loss_sum, items)
-        self._losses_this_batch += 1
         trainer = pl_module.trainer
         if self.mode == "lookahead":
             if self._lookahead_items is None:
                 raise RuntimeError("sample_loss was called outside a look-ahead window (no training batch started).")
             factor = lookahead_loss_factor(self._lookahead_k, trainer.world_size, self._lookahead_items)
-            return loss_sum * factor.to(device=loss_sum.device, dtype=loss_sum.dtype)
+            return self._recording(loss_sum * factor.to(device=loss_sum.device, dtype=loss_sum.dtype))
         if self._items_per_micro_batch is None:
             # Once per run, on every rank at its first micro-batch: the global mean count, so that
             # all ranks divide by the same constant. It only sets the backward's magnitude.
             mean_items = trainer.strategy.reduce(items.clone(), reduce_op="mean")
             self._items_per_micro_batch = mean_items.clamp_min(1.0)
-        self._items_per_micro_batch = self._items_per_micro_batch.to(items.device)
-        return loss_sum / self._items_per_micro_batch.to(loss_sum.dtype)
+        # A checkpoint restores float64 on the CPU; counts here are float32 on MPS (no float64 there).
+        self._items_per_micro_batch = self._items_per_micro_batch.to(device=items.device, dtype=items.dtype)
+        return self._recording(loss_sum / self._items_per_micro_batch.to(loss_sum.dtype))
+
+    def _recording(self, loss: Tensor) -> Tensor:
+        # An output without a graph (detached, no_grad) still counted its items: a marker that no backward reaches.
+        self._recorded.append(loss.grad_fn if loss.grad_fn is not None else object())
+        return loss
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._losses_this_batch = 0
+        self._recorded = []
+        if batch_idx == 0 and pl_module.automatic_optimization:
+            batch_sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+            if isinstance(batch_sampler, GlobalBatchSampler):
+                batch_sampler.require_split(trainer.accumulate_grad_batches, trainer.world_size, trainer.global_rank)
         if self.mode == "lookahead":
             self._count_lookahead_window(trainer, pl_module, batch, batch_idx)
 
@@ -194,23 +212,32 @@ class SampleCountRescaler(Callback):
                 "SampleCountRescaler(mode='lookahead') cannot read ahead in this fit loop (a training_step "
                 "that takes `dataloader_iter`, or an unknown Lightning version). Use the default mode."
             )
-        count = self.count_items or pl_module.count_items
+        count = pl_module.count_items if self.count_items is None else self.count_items
         # Lightning also ends the epoch at num_training_batches (limit_train_batches), not only when data runs out.
         ahead = min(k - 1, trainer.num_training_batches - batch_idx - 1)
         counts = [count(b) for b in [batch, *upcoming_batches(fetcher, int(ahead))]]
         device = pl_module.device
         dtype = torch.float32 if device.type == "mps" else torch.float64
-        local = torch.stack([torch.as_tensor(c, device=device).to(dtype).reshape(()) for c in counts]).sum()
+        local = torch.stack([as_count(c, device, dtype) for c in counts]).sum()
         self._lookahead_items = trainer.strategy.reduce(local, reduce_op="sum")
         self._lookahead_k = k
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        if self._losses_this_batch == 0:
-            helper = "sample_loss" if pl_module.automatic_optimization else "sample_backward"
+        helper = "sample_loss" if pl_module.automatic_optimization else "sample_backward"
+        if not self._recorded:
             raise RuntimeError(
                 f"{type(pl_module).__name__} backpropagated a loss that did not come from self.{helper}(...). "
                 f"Use `self.{helper}(per_item_losses, mask)` so that SampleCountRescaler can count the items."
             )
+        if not backpropagates_only(loss, self._recorded):
+            raise RuntimeError(
+                f"{type(pl_module).__name__} backpropagated more or less than the sum of its "
+                f"self.{helper}(...) outputs (a term added or weighted, or a counted loss left out), which the "
+                "rescale would mis-weight. Put every term into the per-item losses (a penalty added to each "
+                f"item's loss averages to itself: `self.{helper}(item_losses + penalty, mask)`), and use each "
+                "output once, unweighted."
+            )
+        self._recorded = []
 
     # ------------------------------------------------------------------ per optimizer step
 
@@ -252,7 +279,7 @@ class SampleCountRescaler(Callback):
             factor = window_rescale_factor(k, trainer.world_size, self._items_per_micro_batch, items)
             scale_gradients_([p.grad for p in params if p.grad is not None], factor)
         epoch = self._epoch_totals
-        self._epoch_totals = totals if epoch is None else epoch.to(totals.device) + totals
+        self._epoch_totals = totals if epoch is None else epoch.to(totals) + totals
         self._log_step(pl_module, loss_sum / items, items)
 
     def _log_step(self, pl_module: pl.LightningModule, loss: Tensor, items: Tensor) -> None:
@@ -293,6 +320,7 @@ class SampleCountRescaler(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         unit = state_dict["items_per_micro_batch"]
         self._items_per_micro_batch = None if unit is None else torch.tensor(unit, dtype=torch.float64)
+        self._epoch_totals = None
         if state_dict["epoch_items"] > 0:
             self._epoch_totals = torch.tensor(
                 [state_dict["epoch_loss_sum"], state_dict["epoch_items"]], dtype=torch.float64

@@ -12,6 +12,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch import Tensor
 
 
@@ -82,3 +83,24 @@ def lookahead_loss_factor(accumulate_grad_batches: int, world_size: int, global_
         tensor(0.2000)
     """
     return (accumulate_grad_batches * world_size) / global_items.clamp_min(1)
+
+
+def as_count(count: Any, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``count_items``'s result as a 0-dim tensor on ``device``; anything but one number is refused.
+
+    Example::
+
+        >>> as_count(3, torch.device("cpu"), torch.float64)
+        tensor(3., dtype=torch.float64)
+        >>> as_count(torch.tensor([2, 1]), torch.device("cpu"), torch.float64)
+        Traceback (most recent call last):
+        ...
+        ValueError: count_items(batch) must return one count for the whole batch ... got shape (2,)...
+    """
+    tensor = torch.as_tensor(count, device=device)
+    if tensor.numel() != 1:
+        raise ValueError(
+            "count_items(batch) must return one count for the whole batch (a number or a 0-dim tensor), got shape "
+            f"{tuple(tensor.shape)}. Sum the per-sample counts, e.g. `mask.sum()`."
+        )
+    return tensor.to(dtype).reshape(())

@@ -189,11 +189,36 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     @property
     def dataset_size(self) -> int:
+        """Number of samples the permutation covers."""
         return self.sampler.dataset_size
 
     @property
     def epoch(self) -> int:
+        """The epoch whose permutation the next iteration draws from."""
         return self.sampler.epoch
+
+    def require_split(self, accumulate_grad_batches: int, world_size: int, rank: int) -> None:
+        """Raise unless this sampler was built for the run's K, world size and rank.
+
+        Otherwise its windows are not the optimizer steps (or every rank draws the same samples).
+
+        Example::
+
+            >>> GlobalBatchSampler(10, 2, accumulate_grad_batches=3).require_split(3, 1, 0)
+            >>> GlobalBatchSampler(10, 2).require_split(3, 2, 1)
+            Traceback (most recent call last):
+            ...
+            ValueError: GlobalBatchSampler was built for K=1 on 1 rank(s) as rank 0, but the Trainer runs K=3 ...
+        """
+        built = (self.accumulate_grad_batches, self.num_replicas, self.rank)
+        if built != (accumulate_grad_batches, world_size, rank):
+            raise ValueError(
+                f"GlobalBatchSampler was built for K={built[0]} on {built[1]} rank(s) as rank {built[2]}, but the "
+                f"Trainer runs K={accumulate_grad_batches} on {world_size} rank(s) and this is rank {rank}: its "
+                "windows would not be the optimizer steps. Build it in train_dataloader() from "
+                "self.trainer.accumulate_grad_batches, world_size and global_rank (and reload the loader each epoch, "
+                "reload_dataloaders_every_n_epochs=1, when a GradientAccumulationScheduler changes K)."
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (same as ``sampler.set_epoch``); a resume position applies to its own epoch only."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning_cases import (
     Case,
+    ExactModule,
     fit_case,
     make_micro_batch,
     make_net,
@@ -17,7 +18,10 @@ from lightning_cases import (
     masked_ranks_case,
     uneven_ranks_case,
 )
-from reference import flat_parameters, relative_distance, train_reference
+from precision_cases import fit, reference_distance
+from reference import flat_parameters, item_losses, relative_distance, train_reference
+
+from lightning_accum import SampleCountRescaler
 
 EXACT_TOLERANCE = 1e-5  # relative to the whole update, float32
 NAIVE_MINIMUM = 0.1  # the naive run must be visibly wrong, so the comparison can fail
@@ -112,3 +116,19 @@ def test_ddp_popen_two_ranks(case_name: str, tmp_path: Path, measured) -> None:
         results[mode] = relative_distance(torch.load(out), reference, initial)
     assert measured(results["exact"], "exact") <= EXACT_TOLERANCE
     assert measured(results["naive"], "naive") > NAIVE_MINIMUM
+
+
+class TwoHalvesModule(ExactModule):
+    """Returns the sum of two ``sample_loss`` outputs (the two halves of each micro-batch): the same items."""
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        losses, mask = item_losses(self.net, batch)
+        half = max(len(losses) // 2, 1)
+        return self.sample_loss(losses[:half], mask[:half]) + self.sample_loss(losses[half:], mask[half:])
+
+
+def test_sum_of_several_sample_loss_outputs(measured) -> None:
+    case = Case(plan=varied_sizes_plan(tokens=3, keep=0.6), accumulation=3, epochs=2)
+    module = TwoHalvesModule(make_net(), case)
+    fit(case, module, [SampleCountRescaler()])
+    assert measured(reference_distance(case, module.net)) <= EXACT_TOLERANCE

@@ -11,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 from lightning_cases import Case, ExactModule, fit_case, make_micro_batch, make_net, make_optimizer, masked_ranks_case
+from precision_cases import CountingModule, fit, reference_distance
 from reference import ReferenceRun, flat_parameters, relative_distance, train_reference
 
 from lightning_accum import SampleCountRescaler
@@ -113,3 +114,22 @@ def test_state_dict_round_trip_and_resume_match_an_uninterrupted_run(tmp_path: P
     assert restored.state_dict()["items_per_micro_batch"] == saved["items_per_micro_batch"]
     reference = reference_run(case)
     assert relative_distance(flat_parameters(module.net), reference.parameters, flat_parameters(make_net())) <= 1e-5
+
+
+class StopInsideWindow(pl.Callback):
+    """Stops the fit after micro-batch 1 of 3 of the first window (the window never reaches its step)."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if batch_idx == 1:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("mode", ["deferred", "lookahead"])
+def test_a_second_fit_forgets_the_partial_window_of_a_stopped_one(mode: str, measured) -> None:
+    case = Case(plan=[[make_micro_batch(n, seed=i, tokens=3, keep=0.6) for i, n in enumerate([7, 1, 4, 2, 6])]],
+                accumulation=3, epochs=2)  # fmt: skip
+    rescaler = SampleCountRescaler(mode=mode)
+    fit(case, CountingModule(make_net(), case), [rescaler, StopInsideWindow()])
+    module = CountingModule(make_net(), case)
+    fit(case, module, [rescaler])  # the same callback object, a fresh model
+    assert measured(reference_distance(case, module.net)) <= 1e-5

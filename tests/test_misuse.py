@@ -5,12 +5,11 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from lightning_cases import Case, ExactModule, NaiveModule, make_micro_batch, make_net
+from precision_cases import CountingModule
 from reference import MicroBatch, item_losses
 
-from lightning_accum import SampleCountRescaler
-from lightning_accum.callback import require_supported_strategy
+from lightning_accum import GlobalBatchSampler, SampleCountRescaler
 
 
 def small_case() -> Case:
@@ -54,6 +53,40 @@ class MeanReturningModule(ExactModule):
     def training_step(self, batch: MicroBatch, batch_idx: int) -> torch.Tensor:
         losses, mask = item_losses(self.net, batch)
         return losses[mask].mean()
+
+
+class RegularizedModule(ExactModule):
+    def training_step(self, batch: MicroBatch, batch_idx: int) -> torch.Tensor:
+        losses, mask = item_losses(self.net, batch)
+        penalty = sum(p.square().sum() for p in self.net.parameters())
+        return self.sample_loss(losses, mask) + 1e-3 * penalty
+
+
+class WeightedHeadsModule(ExactModule):
+    def training_step(self, batch: MicroBatch, batch_idx: int) -> torch.Tensor:
+        losses, mask = item_losses(self.net, batch)
+        return self.sample_loss(losses[:1], mask[:1]) + 2.0 * self.sample_loss(losses[1:], mask[1:])
+
+
+class CountedButNotReturnedModule(ExactModule):
+    def training_step(self, batch: MicroBatch, batch_idx: int) -> torch.Tensor:
+        losses, mask = item_losses(self.net, batch)
+        self.sample_loss(losses.detach() + 1.0, mask)  # e.g. a second loss computed for logging
+        return self.sample_loss(losses, mask)
+
+
+class PerSampleCountModule(CountingModule):
+    def count_items(self, batch) -> torch.Tensor:
+        return batch[2].sum(dim=1)  # one count per sample instead of one for the batch
+
+
+class StaleSamplerModule(ExactModule):
+    """Serves its plan through a GlobalBatchSampler built for K=2, while the Trainer accumulates 3."""
+
+    def train_dataloader(self):
+        x, y, mask = self.case.plan[0][0]
+        sampler = GlobalBatchSampler(len(x), micro_batch_size=1, accumulate_grad_batches=2, shuffle=False)
+        return torch.utils.data.DataLoader(list(zip(x, y, mask, strict=True)), batch_sampler=sampler)
 
 
 class ManualModule(ExactModule):
@@ -104,11 +137,6 @@ def test_manual_optimization() -> None:
         fit(ManualModule(make_net(), small_case()), callbacks=[SampleCountRescaler()])
 
 
-def test_strategy_that_hides_the_gradients() -> None:
-    with pytest.raises(RuntimeError, match=r"does not support the FSDPStrategy strategy.*strategy='ddp'"):
-        require_supported_strategy(FSDPStrategy())
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -125,3 +153,25 @@ def test_sample_loss_outside_training_is_the_batch_item_mean() -> None:
     module = ExactModule(make_net(), small_case())
     losses = torch.tensor([[1.0, 2.0], [3.0, 10.0]])
     assert module.sample_loss(losses, mask=torch.tensor([[1, 1], [1, 0]])).item() == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize(
+    "module_class",
+    [RegularizedModule, WeightedHeadsModule, CountedButNotReturnedModule],
+    ids=["added", "weighted", "left_out"],
+)
+def test_loss_other_than_the_sum_of_sample_loss_outputs(module_class) -> None:
+    with pytest.raises(
+        RuntimeError, match=r"more or less than the sum of its self.sample_loss.*item_losses \+ penalty"
+    ):
+        fit(module_class(make_net(), small_case()), callbacks=[SampleCountRescaler()], accumulate_grad_batches=2)
+
+
+def test_count_rule_returning_per_sample_counts() -> None:
+    with pytest.raises(ValueError, match=r"one count for the whole batch.*got shape \(3,\).*mask.sum\(\)"):
+        fit(PerSampleCountModule(make_net(), small_case()), callbacks=[SampleCountRescaler(mode="lookahead")])
+
+
+def test_global_sampler_built_for_another_k() -> None:
+    with pytest.raises(ValueError, match=r"built for K=2 on 1 rank\(s\) as rank 0, but the Trainer runs K=3"):
+        fit(StaleSamplerModule(make_net(), small_case()), callbacks=[SampleCountRescaler()], accumulate_grad_batches=3)
