@@ -55,8 +55,10 @@ def masked_sum_and_count(losses: Tensor, mask: Tensor | None = None) -> tuple[Te
     """Return ``(sum of the counted item losses, number of counted items)`` as 0-dim tensors.
 
     The sum keeps the autograd graph and is accumulated in at least float32, so half-precision
-    per-item losses do not overflow when summed. Items outside the mask contribute exactly zero,
-    even when their loss is ``nan`` or ``inf``. The count is a float64 tensor on the losses' device.
+    per-item losses do not overflow when summed. Items outside the mask contribute exactly zero to the
+    value, even when their loss is ``nan`` or ``inf``; but a non-finite masked loss can still give ``nan``
+    gradients upstream (``0 * inf``), so keep masked inputs finite (e.g. pad with a valid token). The count
+    is a float64 tensor on the losses' device (float32 on MPS).
 
     Example::
 

@@ -45,5 +45,5 @@ def require_supported_precision(plugin: Precision) -> None:
     if type(plugin) not in SUPPORTED_PRECISIONS:
         raise RuntimeError(
             f"SampleCountRescaler is not verified with the {type(plugin).__name__} precision plugin. Use "
-            "precision='32-true', '16-mixed', 'bf16-mixed', '16-true' or 'bf16-true'."
+            "precision='32-true', '64-true', '16-mixed', 'bf16-mixed', '16-true' or 'bf16-true'."
         )

@@ -16,17 +16,14 @@ class ItemWindow:
         >>> window = ItemWindow()
         >>> window.add(torch.tensor(3.0), torch.tensor(2.0, dtype=torch.float64))
         >>> window.add(torch.tensor(1.0), torch.tensor(2.0, dtype=torch.float64))
-        >>> window.micro_batches
-        2
         >>> window.pop(reduce_sum=lambda t: t, device=torch.device("cpu"))
         tensor([4., 4.], dtype=torch.float64)
-        >>> window.micro_batches
-        0
+        >>> window.pop(reduce_sum=lambda t: t, device=torch.device("cpu"))
+        tensor([0., 0.], dtype=torch.float64)
     """
 
     def __init__(self) -> None:
         self._totals: Tensor | None = None
-        self.micro_batches = 0
 
     def add(self, loss_sum: Tensor, items: Tensor) -> None:
         """Add one micro-batch's detached loss sum and item count."""
@@ -34,7 +31,6 @@ class ItemWindow:
             self._totals = torch.zeros(2, dtype=items.dtype, device=items.device)
         self._totals[0] += loss_sum.detach().to(self._totals.dtype)
         self._totals[1] += items
-        self.micro_batches += 1
 
     def pop(self, reduce_sum: Callable[[Tensor], Tensor], device: torch.device) -> Tensor:
         """Return ``[loss sum, items]`` summed over ranks by ``reduce_sum`` (one collective) and reset.
@@ -46,5 +42,4 @@ class ItemWindow:
             dtype = torch.float32 if device.type == "mps" else torch.float64
             totals = torch.zeros(2, dtype=dtype, device=device)
         self._totals = None
-        self.micro_batches = 0
         return reduce_sum(totals)

@@ -37,7 +37,8 @@ def test_last_batch_smaller_any_k(k: int) -> None:
 
 
 def test_accumulation_schedule_changes_k_between_epochs() -> None:
-    assert lookahead_error(Case(plan=varied_sizes_plan(), accumulation={0: 2, 1: 3, 2: 1, 3: 4}, epochs=4)) <= 1e-5
+    case = Case(plan=varied_sizes_plan(), accumulation={0: 2, 1: 3, 2: 1, 3: 4}, epochs=4)
+    assert lookahead_error(case) <= EXACT_TOLERANCE
 
 
 @pytest.mark.parametrize("clip", [{"clip_norm": 0.3}, {"clip_value": 0.05}], ids=["norm", "value"])

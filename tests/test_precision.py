@@ -29,7 +29,7 @@ LOW_PRECISIONS = ["16-mixed", "bf16-mixed", "16-true", "bf16-true"]
 
 
 @pytest.mark.parametrize("mode", ["deferred", "lookahead"])
-@pytest.mark.parametrize("precision", ["32-true", *LOW_PRECISIONS])
+@pytest.mark.parametrize("precision", ["64-true", "32-true", *LOW_PRECISIONS])
 def test_matches_the_float32_reference_within_rounding(precision: str, mode: str, measured) -> None:
     case = masked_tokens_case()  # K=3, token masks, an all-masked micro-batch, a short last window, clipping
     assert measured(reference_distance(case, fit_net(case, "exact", precision, mode))) <= tolerance(precision, case)
@@ -105,7 +105,8 @@ def test_fsdp_cannot_run_on_cpu_here() -> None:
 
 
 def test_unverified_precision_plugin_fails_with_the_alternative() -> None:
-    with pytest.raises(RuntimeError, match=r"not verified with the FSDPPrecision.*precision='32-true', '16-mixed'"):
+    message = r"not verified with the FSDPPrecision.*precision='32-true', '64-true', '16-mixed'"
+    with pytest.raises(RuntimeError, match=message):
         require_supported_precision(FSDPPrecision("16-mixed"))
     require_supported_precision(fp16_scaler_plugin())  # the fp16 plugin of these tests is supported
 
