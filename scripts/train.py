@@ -1,6 +1,6 @@
 """Train an example model with exact item-weighted gradient accumulation.
 
-python scripts/train.py                                   # digits + MLP, K=4, CPU, < 1 minute
+python scripts/train.py                                   # digits + MLP, K=4, CPU, about 6 s
 python scripts/train.py data=tokens model=causal_lm accumulation=schedule
 python scripts/train.py -m accumulation=none,fixed        # sweep; summary table + plot at the end
 python scripts/train.py trainer=ddp_cpu                   # 2 processes on CPU

@@ -1,4 +1,4 @@
-"""Short in-process runs of the Hydra app: each data x model pair, and an accumulation schedule."""
+"""Short in-process runs of the Hydra app: each data x model pair, an accumulation schedule, the rescaler modes."""
 
 from __future__ import annotations
 
@@ -8,11 +8,15 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from reference import relative_distance
+from test_hydra_app import initial_model
 
 from lightning_accum.examples.app import run_training
+from lightning_accum.examples.invariance import flat_parameters
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -79,3 +83,45 @@ def test_schedule_changes_the_window_of_the_global_sampler_each_epoch(tmp_path):
         full, rest = divmod(997, window)
         expected += [window] * full + [rest]
     assert per_step == expected
+
+
+def snapshot(cfg: DictConfig) -> dict[str, torch.Tensor]:
+    """Initial and final flat parameters of a run of ``cfg`` (``callbacks=invariance`` writes them)."""
+    run_training(cfg)
+    return torch.load(Path(cfg.paths.output_dir) / "parameters.pt")
+
+
+@pytest.mark.slow
+def test_model_rebuilt_from_the_config_is_the_model_a_run_starts_from(tmp_path):
+    # The app tests measure distances as a fraction of the update from this rebuilt model.
+    cfg = compose_train(tmp_path, "experiment=digits_global", "debug=fast", "callbacks=invariance")
+    parameters = snapshot(cfg)
+    assert torch.equal(flat_parameters(initial_model(cfg)), parameters["initial"])
+    assert not torch.equal(parameters["final"], parameters["initial"])
+
+
+@pytest.mark.slow
+def test_lookahead_mode_trains_the_same_model_as_deferred_mode(tmp_path, measured):
+    # Padded token sequences, K=3 over 8 micro-batches (windows of 3, 3, 2); the model counts the masked tokens.
+    common = ["data=tokens", "model=causal_lm", "debug=fast", "accumulation.k=3", "callbacks=invariance"]
+    final = {}
+    for mode in ("deferred", "lookahead"):
+        cfg = compose_train(tmp_path / mode, *common, f"callbacks.sample_count_rescaler.mode={mode}")
+        final[mode] = snapshot(cfg)["final"]
+    initial = flat_parameters(initial_model(cfg))
+    assert measured(relative_distance(final["lookahead"], final["deferred"], initial)) < 1e-5
+
+
+@pytest.mark.slow
+def test_run_resumed_from_a_checkpoint_continues_the_items_seen_history(tmp_path):
+    common = ["data=regression", "data.sampler=global", "accumulation.k=3", "callbacks=default"]
+    cfg = compose_train(tmp_path / "whole", *common, "trainer.max_epochs=2")
+    run_training(cfg)
+    run_training(compose_train(tmp_path / "first", *common, "trainer.max_epochs=1"))
+    resumed = [f"ckpt_path={tmp_path / 'first' / 'checkpoints' / 'last.ckpt'}", "trainer.max_epochs=2"]
+    run_training(compose_train(tmp_path / "resumed", *common, *resumed))
+    whole = read_history(tmp_path / "whole" / "history.csv")
+    history = read_history(tmp_path / "resumed" / "history.csv")
+    assert [row["items_seen"] for row in history] == [row["items_seen"] for row in whole]
+    assert history[-1]["items_seen"] == 2 * train_items(cfg)
+    assert [row["loss"] for row in history] == pytest.approx([row["loss"] for row in whole], rel=1e-5)

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_hydra_app import QUIET, TRAIN, final_parameters, read_rows, run, run_dirs
+from test_hydra_app import QUIET, TRAIN, final_parameters, read_rows, run, run_dirs, update_distance
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -65,7 +65,7 @@ def finished_steps(job: str, timeout_s: float = 60.0) -> dict[str, tuple[str, st
         time.sleep(0.5)
 
 
-def test_sweep_of_two_task_jobs_equals_one_process_of_the_same_effective_batch(tmp_path):
+def test_sweep_of_two_task_jobs_equals_one_process_of_the_same_effective_batch(tmp_path, measured):
     run([*SWEEP, *COMMON, "accumulation.k=1,2", f"paths.log_dir={tmp_path / 'slurm'}"], cwd=tmp_path)
     (sweep,) = (tmp_path / "slurm" / "digits_global" / "multirun").iterdir()
     assert [p.name for p in run_dirs(sweep)] == ["0", "1"]
@@ -83,9 +83,8 @@ def test_sweep_of_two_task_jobs_equals_one_process_of_the_same_effective_batch(t
     # References: 1 process with K=2 and K=4 takes the same global windows of 32 and 64 digits.
     run([sys.executable, TRAIN, "-m", *COMMON, "accumulation.k=2,4", f"paths.log_dir={tmp_path / 'one'}"], cwd=tmp_path)
     (reference,) = (tmp_path / "one" / "digits_global" / "multirun").iterdir()
-    for job, ref in (("0", "0"), ("1", "1")):
-        dist, one = final_parameters(sweep / job), final_parameters(reference / ref)
-        assert (dist - one).norm() / one.norm() < 1e-5
+    for job, ref, label in (("0", "0", "2 tasks x K=1"), ("1", "1", "2 tasks x K=2")):
+        assert measured(update_distance(sweep / job, reference / ref), label) < 1e-5
         dist_history, one_history = read_rows(sweep / job / "history.csv"), read_rows(reference / ref / "history.csv")
         assert [r["items_seen"] for r in dist_history] == [r["items_seen"] for r in one_history]
         for a, b in zip(one_history, dist_history, strict=True):
@@ -117,5 +116,4 @@ def test_srun_launch_writes_one_run_folder_and_equals_one_process(tmp_path, meas
 
     run([sys.executable, TRAIN, *COMMON, "accumulation.k=4", f"paths.log_dir={tmp_path / 'one'}"], cwd=tmp_path)
     (one,) = run_dirs(tmp_path / "one")
-    dist, reference = final_parameters(folder), final_parameters(one)
-    assert measured((dist - reference).norm() / reference.norm()) < 1e-5
+    assert measured(update_distance(folder, one)) < 1e-5

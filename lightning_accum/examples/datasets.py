@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-PADDING_INDEX = -1
+from lightning_accum.sampler import PAD_INDEX
 
 
 class FeatureDataset(Dataset):
@@ -38,7 +38,7 @@ class FeatureDataset(Dataset):
         return len(self.x)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        if index == PADDING_INDEX:
+        if index == PAD_INDEX:
             return {"x": torch.zeros_like(self.x[0]), "y": torch.zeros_like(self.y[0]), "valid": torch.tensor(False)}
         return {"x": self.x[index], "y": self.y[index], "valid": torch.tensor(True)}
 
@@ -68,6 +68,6 @@ class TokenSequenceDataset(Dataset):
         return len(self.sequences)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        if index == PADDING_INDEX:
+        if index == PAD_INDEX:
             return {"tokens": torch.full((2,), self.pad_id, dtype=torch.long), "valid": torch.tensor(False)}
         return {"tokens": self.sequences[index], "valid": torch.tensor(True)}

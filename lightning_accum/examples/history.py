@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -16,6 +17,8 @@ class ItemsSeenHistory(Callback):
 
     It reads the loss and item count that ``SampleCountRescaler`` logs (global over all ranks), so the
     history is the same whatever the number of ranks. Windows with no counted item are left out.
+    Checkpoints keep the rows, so a run resumed from one continues the count and writes the whole history;
+    a checkpoint saved at a training batch end (``every_n_train_steps``) misses its last step's row.
 
     Args:
         path: CSV file to write.
@@ -54,6 +57,21 @@ class ItemsSeenHistory(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         self._record(trainer)
+
+    # Before the checkpoints that ModelCheckpoint saves at validation end or train epoch end.
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._record(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rows": list(self.rows), "items_seen": self._items_seen, "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rows = [tuple(row) for row in state_dict["rows"]]
+        self._items_seen = state_dict["items_seen"]
+        self._last_step = state_dict["last_step"]
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._record(trainer)

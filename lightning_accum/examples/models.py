@@ -51,6 +51,9 @@ class MLPModel(SampleCountMixin, pl.LightningModule):
         super().__init__()
         if task not in ("classification", "regression"):
             raise ValueError(f"task must be 'classification' or 'regression', got {task!r}.")
+        # A plain list (not Hydra's ListConfig) in the hyper-parameters, so that torch.load(weights_only=True)
+        # reads the checkpoints, as Trainer.fit(ckpt_path=...) does.
+        hidden_sizes = [int(width) for width in hidden_sizes]
         self.save_hyperparameters(ignore=["optimizer"])
         widths = [in_features, *hidden_sizes]
         layers: list[nn.Module] = []
@@ -75,6 +78,16 @@ class MLPModel(SampleCountMixin, pl.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         losses, _ = self.item_losses(batch)
         return self.sample_loss(losses, mask=batch["valid"])
+
+    def count_items(self, batch: dict[str, Tensor]) -> Tensor:
+        """The samples ``training_step`` counts: the valid ones (for ``SampleCountRescaler(mode="lookahead")``).
+
+        Example::
+
+            >>> MLPModel(in_features=2, out_features=3).count_items({"valid": torch.tensor([True, False, True])})
+            tensor(2)
+        """
+        return batch["valid"].sum()
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         losses, out = self.item_losses(batch)
@@ -131,11 +144,27 @@ class CausalLM(SampleCountMixin, pl.LightningModule):
         hidden, _ = self.rnn(self.embed(input_ids))
         return self.head(hidden)
 
+    @staticmethod
+    def loss_mask(batch: dict[str, Tensor]) -> Tensor:
+        """The ``[B, T]`` mask of the target tokens that count: unpadded tokens of valid samples."""
+        return batch["mask"] & batch["valid"][:, None]
+
     def token_losses(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """Per-token losses ``[B, T]`` and the mask of the tokens that count."""
         logits = self(batch["input_ids"])
         losses = F.cross_entropy(logits.transpose(1, 2), batch["targets"], reduction="none")
-        return losses, batch["mask"] & batch["valid"][:, None]
+        return losses, self.loss_mask(batch)
+
+    def count_items(self, batch: dict[str, Tensor]) -> Tensor:
+        """The tokens ``training_step`` counts (for ``SampleCountRescaler(mode="lookahead")``).
+
+        Example::
+
+            >>> batch = {"mask": torch.tensor([[True, True], [True, False]]), "valid": torch.tensor([True, False])}
+            >>> CausalLM(vocab_size=5).count_items(batch)
+            tensor(2)
+        """
+        return self.loss_mask(batch).sum()
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         losses, mask = self.token_losses(batch)
