@@ -58,6 +58,10 @@ class SampleCountMixin:
     def sample_loss(self, losses: Tensor, mask: Tensor | None = None) -> Tensor:
         """Return the loss that ``training_step`` returns for these per-item ``losses``.
 
+        Return it as is, or the plain sum of several such outputs; anything else is refused at backward.
+        Under DDP every rank calls it in every ``training_step``: the run's first call all-reduces once,
+        and a rank that skipped it would leave the others waiting.
+
         Args:
             losses: one loss per item, any shape (compute it with ``reduction="none"``).
             mask: same shape as ``losses``, bool or 0/1; ``True``/1 marks the items that count.
