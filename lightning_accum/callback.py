@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.autograd.graph import Node
 
-from lightning_accum.counting import masked_sum_and_count
+from lightning_accum.counting import count_dtype, masked_sum_and_count
 from lightning_accum.graph import backpropagates_only
 from lightning_accum.lookahead import as_count, lookahead_loss_factor, upcoming_batches
 from lightning_accum.sampler import GlobalBatchSampler
@@ -217,8 +217,7 @@ class SampleCountRescaler(Callback):
         ahead = min(k - 1, trainer.num_training_batches - batch_idx - 1)
         counts = [count(b) for b in [batch, *upcoming_batches(fetcher, int(ahead))]]
         device = pl_module.device
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        local = torch.stack([as_count(c, device, dtype) for c in counts]).sum()
+        local = torch.stack([as_count(c, device, count_dtype(device)) for c in counts]).sum()
         self._lookahead_items = trainer.strategy.reduce(local, reduce_op="sum")
         self._lookahead_k = k
 

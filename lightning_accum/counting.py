@@ -51,6 +51,17 @@ def validate_item_losses(losses: Tensor, mask: Tensor | None) -> None:
     )
 
 
+def count_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of item counts on ``device``: float64 (exact to 2**53 items), float32 on MPS, which lacks float64.
+
+    Example::
+
+        >>> count_dtype(torch.device("cpu")), count_dtype(torch.device("mps"))
+        (torch.float64, torch.float32)
+    """
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def masked_sum_and_count(losses: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Return ``(sum of the counted item losses, number of counted items)`` as 0-dim tensors.
 
@@ -71,10 +82,10 @@ def masked_sum_and_count(losses: Tensor, mask: Tensor | None = None) -> tuple[Te
     """
     validate_item_losses(losses, mask)
     sum_dtype = torch.promote_types(losses.dtype, torch.float32)
-    count_dtype = torch.float32 if losses.device.type == "mps" else torch.float64
+    dtype = count_dtype(losses.device)
     if mask is None:
-        count = torch.tensor(float(losses.numel()), dtype=count_dtype, device=losses.device)
+        count = torch.tensor(float(losses.numel()), dtype=dtype, device=losses.device)
         return losses.sum(dtype=sum_dtype), count
     counted = mask if mask.dtype == torch.bool else mask != 0
     loss_sum = torch.where(counted, losses, torch.zeros((), dtype=losses.dtype, device=losses.device))
-    return loss_sum.sum(dtype=sum_dtype), counted.sum(dtype=count_dtype)
+    return loss_sum.sum(dtype=sum_dtype), counted.sum(dtype=dtype)

@@ -236,10 +236,13 @@ class GlobalBatchSampler(Sampler[list[int]]):
         full, rest = divmod(self.dataset_size, self.effective_batch_size)
         return full, 0 if self.drop_last else rest
 
+    def _micro_batches_per_epoch(self, num_replicas: int, accumulate_grad_batches: int, micro_batch_size: int) -> int:
+        """Micro-batches per rank and epoch under a split of this sampler's effective batch."""
+        full, rest = self._windows()  # the same for every split of the same effective batch
+        return full * accumulate_grad_batches + math.ceil(rest / (num_replicas * micro_batch_size))
+
     def __len__(self) -> int:
-        full, rest = self._windows()
-        last = math.ceil(rest / (self.num_replicas * self.micro_batch_size))
-        return full * self.accumulate_grad_batches + last
+        return self._micro_batches_per_epoch(self.num_replicas, self.accumulate_grad_batches, self.micro_batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.sampler.indices()
@@ -291,9 +294,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
                 f"Cannot resume: the saved effective batch is {saved_e} samples per step, this sampler's is "
                 f"{self.effective_batch_size}. Keep num_replicas * accumulate_grad_batches * micro_batch_size equal."
             )
-        full, rest = self._windows()  # the same for every split of the same effective batch
         saved_r, saved_b = state_dict["num_replicas"], state_dict["micro_batch_size"]
-        saved_length = full * saved_k + math.ceil(rest / (saved_r * saved_b))
+        saved_length = self._micro_batches_per_epoch(saved_r, saved_k, saved_b)
         steps, within = divmod(state_dict["micro_batches"], saved_k)
         same_split = (saved_r, saved_k, saved_b) == (
             self.num_replicas,

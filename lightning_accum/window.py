@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from lightning_accum.counting import count_dtype
+
 
 class ItemWindow:
     """Accumulates ``[loss sum, item count]`` over the micro-batches of a window without host syncs.
@@ -39,7 +41,6 @@ class ItemWindow:
         """
         totals = self._totals
         if totals is None:
-            dtype = torch.float32 if device.type == "mps" else torch.float64
-            totals = torch.zeros(2, dtype=dtype, device=device)
+            totals = torch.zeros(2, dtype=count_dtype(device), device=device)
         self._totals = None
         return reduce_sum(totals)

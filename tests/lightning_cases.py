@@ -15,6 +15,13 @@ from torch.utils.data import DataLoader
 from lightning_accum import SampleCountMixin, SampleCountRescaler
 
 FEATURES, HIDDEN, CLASSES = 5, 8, 3
+# Trainer arguments of every test fit: no logger, checkpoints, progress bar or model summary.
+QUIET_TRAINER = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
 
 
 def make_net(seed: int = 0) -> nn.Module:
@@ -112,12 +119,9 @@ def planned_trainer(
         strategy=strategy,
         max_epochs=case.epochs,
         callbacks=[*callbacks, ReleaseProcessGroup()],
-        logger=logger,
         log_every_n_steps=1,
         use_distributed_sampler=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **(QUIET_TRAINER | {"logger": logger}),
         **trainer_kwargs,
     )
 

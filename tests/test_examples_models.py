@@ -8,6 +8,7 @@ from functools import partial
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning_cases import QUIET_TRAINER
 from reference import relative_distance
 
 from lightning_accum import SampleCountRescaler
@@ -70,10 +71,7 @@ def test_causal_lm_fit_with_accumulation_and_padding_equals_plain_item_mean_step
         max_steps=steps,
         callbacks=[SampleCountRescaler()],
         limit_val_batches=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET_TRAINER,
         default_root_dir=tmp_path,
         **dm.trainer_kwargs(),
     )

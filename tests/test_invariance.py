@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from distributed_exit import ReleaseProcessGroup
+from lightning_cases import QUIET_TRAINER
 from reference import MicroBatch, flat_parameters, relative_distance, train_reference
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -104,10 +105,7 @@ def fit(split: tuple[int, int, int], exact: bool) -> Tensor:
         accumulate_grad_batches=k,
         use_distributed_sampler=not exact,
         callbacks=[SampleCountRescaler(), ReleaseProcessGroup()] if exact else [ReleaseProcessGroup()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET_TRAINER,
     )
     trainer.fit(module)
     return flat_parameters(module.net)

@@ -10,7 +10,16 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from lightning_cases import Case, ExactModule, fit_case, make_micro_batch, make_net, make_optimizer, masked_ranks_case
+from lightning_cases import (
+    QUIET_TRAINER,
+    Case,
+    ExactModule,
+    fit_case,
+    make_micro_batch,
+    make_net,
+    make_optimizer,
+    masked_ranks_case,
+)
 from precision_cases import CountingModule, fit, reference_distance
 from reference import ReferenceRun, flat_parameters, relative_distance, train_reference
 
@@ -81,7 +90,7 @@ def test_empty_window_skips_the_update_and_keeps_optimizer_state() -> None:
     module = ExactModule(trainer_net, case)
     trainer = pl.Trainer(
         accelerator="cpu", max_epochs=case.epochs, accumulate_grad_batches=2, callbacks=[SampleCountRescaler()],
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        **QUIET_TRAINER,
     )  # fmt: skip
     with pytest.warns(UserWarning, match="saw no counted items on any rank"):
         trainer.fit(module)
@@ -95,10 +104,7 @@ def test_state_dict_round_trip_and_resume_match_an_uninterrupted_run(tmp_path: P
     case = varied_case(epochs=4)
     first = Case(plan=case.plan, accumulation=case.accumulation, epochs=2)
     module = ExactModule(make_net(), first)
-    kwargs = dict(
-        accelerator="cpu", accumulate_grad_batches=3, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False,
-    )  # fmt: skip
+    kwargs = dict(accelerator="cpu", accumulate_grad_batches=3, **QUIET_TRAINER)
     rescaler = SampleCountRescaler()
     trainer = pl.Trainer(max_epochs=2, callbacks=[rescaler], **kwargs)
     trainer.fit(module)

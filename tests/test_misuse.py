@@ -7,6 +7,7 @@ import pytest
 import torch
 from lightning_cases import Case, ExactModule, NaiveModule, make_micro_batch, make_net
 from precision_cases import CountingModule
+from precision_cases import fit as fit_case_module
 from reference import MicroBatch, item_losses
 
 from lightning_accum import GlobalBatchSampler, SampleCountRescaler
@@ -16,19 +17,8 @@ def small_case() -> Case:
     return Case(plan=[[make_micro_batch(n, seed=i, tokens=3, keep=0.5) for i, n in enumerate([3, 2, 4])]])
 
 
-def fit(module: pl.LightningModule, callbacks: list[pl.Callback], **trainer_kwargs) -> None:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        **trainer_kwargs,
-    )
-    trainer.fit(module)
+def fit(module: ExactModule, callbacks: list[pl.Callback], **trainer_kwargs) -> None:
+    fit_case_module(module.case, module, callbacks, **trainer_kwargs)
 
 
 class ScalarMeanModule(ExactModule):
@@ -112,31 +102,6 @@ def test_two_rescalers() -> None:
         fit(ExactModule(make_net(), small_case()), callbacks=[SampleCountRescaler(), second])
 
 
-def test_scalar_mean_passed_as_losses() -> None:
-    with pytest.raises(ValueError, match=r"0-dim.*reduction='none'"):
-        fit(ScalarMeanModule(make_net(), small_case()), callbacks=[SampleCountRescaler()])
-
-
-def test_mask_of_the_wrong_shape() -> None:
-    with pytest.raises(ValueError, match=r"mask has shape \(3, 1\) but losses have shape \(3, 3\)"):
-        fit(WrongMaskShapeModule(make_net(), small_case()), callbacks=[SampleCountRescaler()])
-
-
-def test_mask_that_is_not_zero_one() -> None:
-    with pytest.raises(RuntimeError, match="mask must be bool or hold only 0 and 1"):
-        fit(WeightMaskModule(make_net(), small_case()), callbacks=[SampleCountRescaler()])
-
-
-def test_training_step_returning_a_mean_instead_of_sample_loss() -> None:
-    with pytest.raises(RuntimeError, match=r"did not come from self.sample_loss"):
-        fit(MeanReturningModule(make_net(), small_case()), callbacks=[SampleCountRescaler()])
-
-
-def test_manual_optimization() -> None:
-    with pytest.raises(RuntimeError, match=r"uses manual optimization: call `self.sample_backward\(losses, mask\)`"):
-        fit(ManualModule(make_net(), small_case()), callbacks=[SampleCountRescaler()])
-
-
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -155,23 +120,28 @@ def test_sample_loss_outside_training_is_the_batch_item_mean() -> None:
     assert module.sample_loss(losses, mask=torch.tensor([[1, 1], [1, 0]])).item() == pytest.approx(2.0)
 
 
+LOSS_NOT_THE_SUM = r"more or less than the sum of its self.sample_loss.*item_losses \+ penalty"
+
+
 @pytest.mark.parametrize(
-    "module_class",
-    [RegularizedModule, WeightedHeadsModule, CountedButNotReturnedModule],
-    ids=["added", "weighted", "left_out"],
-)
-def test_loss_other_than_the_sum_of_sample_loss_outputs(module_class) -> None:
-    with pytest.raises(
-        RuntimeError, match=r"more or less than the sum of its self.sample_loss.*item_losses \+ penalty"
-    ):
-        fit(module_class(make_net(), small_case()), callbacks=[SampleCountRescaler()], accumulate_grad_batches=2)
-
-
-def test_count_rule_returning_per_sample_counts() -> None:
-    with pytest.raises(ValueError, match=r"one count for the whole batch.*got shape \(3,\).*mask.sum\(\)"):
-        fit(PerSampleCountModule(make_net(), small_case()), callbacks=[SampleCountRescaler(mode="lookahead")])
-
-
-def test_global_sampler_built_for_another_k() -> None:
-    with pytest.raises(ValueError, match=r"built for K=2 on 1 rank\(s\) as rank 0, but the Trainer runs K=3"):
-        fit(StaleSamplerModule(make_net(), small_case()), callbacks=[SampleCountRescaler()], accumulate_grad_batches=3)
+    ("module_class", "callback_kwargs", "trainer_kwargs", "error", "message"),
+    [
+        (ScalarMeanModule, {}, {}, ValueError, r"0-dim.*reduction='none'"),
+        (WrongMaskShapeModule, {}, {}, ValueError, r"mask has shape \(3, 1\) but losses have shape \(3, 3\)"),
+        (WeightMaskModule, {}, {}, RuntimeError, "mask must be bool or hold only 0 and 1"),
+        (MeanReturningModule, {}, {}, RuntimeError, r"did not come from self.sample_loss"),
+        (ManualModule, {}, {}, RuntimeError, r"uses manual optimization: call `self.sample_backward\(losses, mask\)`"),
+        (RegularizedModule, {}, {"accumulate_grad_batches": 2}, RuntimeError, LOSS_NOT_THE_SUM),
+        (WeightedHeadsModule, {}, {"accumulate_grad_batches": 2}, RuntimeError, LOSS_NOT_THE_SUM),
+        (CountedButNotReturnedModule, {}, {"accumulate_grad_batches": 2}, RuntimeError, LOSS_NOT_THE_SUM),
+        (PerSampleCountModule, {"mode": "lookahead"}, {}, ValueError,
+         r"one count for the whole batch.*got shape \(3,\).*mask.sum\(\)"),
+        (StaleSamplerModule, {}, {"accumulate_grad_batches": 3}, ValueError,
+         r"built for K=2 on 1 rank\(s\) as rank 0, but the Trainer runs K=3"),
+    ],
+    ids=["scalar_mean", "mask_shape", "mask_weights", "plain_mean", "manual", "loss_added", "loss_weighted",
+         "loss_left_out", "per_sample_counts", "sampler_split"],
+)  # fmt: skip
+def test_misuse_in_the_module_fails_at_the_first_step(module_class, callback_kwargs, trainer_kwargs, error, message):
+    with pytest.raises(error, match=message):
+        fit(module_class(make_net(), small_case()), [SampleCountRescaler(**callback_kwargs)], **trainer_kwargs)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lightning_cases import QUIET_TRAINER
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_accum import GlobalBatchSampler
@@ -221,10 +222,7 @@ def test_lightning_sets_the_epoch_through_batch_sampler_sampler() -> None:
         max_epochs=2,
         accumulate_grad_batches=2,
         use_distributed_sampler=False,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET_TRAINER,
     )
     trainer.fit(model, DataLoader(IndexData(10), batch_sampler=sampler))
     for epoch in (0, 1):

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from distributed_exit import ReleaseProcessGroup
-from lightning_cases import CLASSES, FEATURES, make_net
+from lightning_cases import CLASSES, FEATURES, QUIET_TRAINER, make_net
 from reference import MicroBatch, flat_parameters, item_losses, relative_distance, train_reference
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -106,10 +106,7 @@ def trainer(ranks: int, callbacks: list[pl.Callback], mode: str = "deferred") ->
         accumulate_grad_batches=SPLITS[ranks][0],
         use_distributed_sampler=False,
         callbacks=[SampleCountRescaler(mode=mode), *callbacks, ReleaseProcessGroup()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        **QUIET_TRAINER,
     )
 
 
