@@ -15,8 +15,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from lightning_accum.examples.app import run_training
-from lightning_accum.examples.launch import prepare_process, process_rank
+from lightning_accum_app.app import run_training
+from lightning_accum_app.launch import prepare_process, process_rank
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_accum import SampleCountRescaler
-from lightning_accum.examples import Accumulation, ExampleDataModule
-from lightning_accum.examples.app import build
+from lightning_accum.demos import Accumulation, ExampleDataModule
+from lightning_accum_app.app import build
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -15,8 +15,8 @@ from omegaconf import DictConfig
 from reference import relative_distance
 from test_hydra_app import initial_model
 
-from lightning_accum.examples.app import run_training
-from lightning_accum.examples.invariance import flat_parameters
+from lightning_accum_app.app import run_training
+from lightning_accum_app.invariance import flat_parameters
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]

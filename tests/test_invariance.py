@@ -23,9 +23,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_accum import GlobalBatchSampler, SampleCountMixin, SampleCountRescaler
-from lightning_accum.examples.collate import PadCollate
-from lightning_accum.examples.datasets import TokenSequenceDataset
-from lightning_accum.examples.text import CharVocab, stdlib_docstring_lines
+from lightning_accum.demos.collate import PadCollate
+from lightning_accum.demos.datasets import TokenSequenceDataset
+from lightning_accum.demos.text import CharVocab, stdlib_docstring_lines
 
 SAMPLES, MAX_CHARS, EPOCHS, SEED, LR = 25, 20, 3, 3, 0.5  # 25 = 3 full windows of 8 + 1 sample: tail padding
 SPLITS = [(1, 1, 8), (1, 4, 2), (2, 2, 2), (2, 1, 4)]  # (ranks, accumulation K, micro-batch size)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_accum import GlobalBatchLoader, GlobalBatchSampler, SampleCountMixin, SampleCountRescaler
-from lightning_accum.examples.datasets import FeatureDataset
+from lightning_accum.demos.datasets import FeatureDataset
 
 SAMPLES, EFFECTIVE, EPOCHS, SEED, LR = 25, 8, 3, 5, 0.3  # 3 full windows + 1 sample per epoch: tail padding
 MID_EPOCH, EPOCH_END = 6, 4  # global steps to stop at: epoch 0 has steps 1..4, epoch 1 has steps 5..8

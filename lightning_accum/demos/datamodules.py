@@ -17,10 +17,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_accum.examples.accumulation import AccumulationK, k_at_epoch, normalize_k
-from lightning_accum.examples.collate import PadCollate
-from lightning_accum.examples.datasets import FeatureDataset, TokenSequenceDataset
-from lightning_accum.examples.text import CharVocab, stdlib_docstring_lines
+from lightning_accum.demos.accumulation import AccumulationK, k_at_epoch, normalize_k
+from lightning_accum.demos.collate import PadCollate
+from lightning_accum.demos.datasets import FeatureDataset, TokenSequenceDataset
+from lightning_accum.demos.text import CharVocab, stdlib_docstring_lines
 
 SamplerKind = Literal["default", "global"]
 

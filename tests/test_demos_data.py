@@ -6,8 +6,8 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from lightning_accum.examples import DigitsDataModule, RegressionDataModule, TokenSequenceDataModule
-from lightning_accum.examples.text import stdlib_docstring_lines
+from lightning_accum.demos import DigitsDataModule, RegressionDataModule, TokenSequenceDataModule
+from lightning_accum.demos.text import stdlib_docstring_lines
 
 
 def test_regression_sizes_are_not_multiples_of_usual_batch_sizes():

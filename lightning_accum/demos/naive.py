@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_accum.examples.models import CausalLM
+from lightning_accum.demos.models import CausalLM
 
 
 class NaiveCausalLM(CausalLM):

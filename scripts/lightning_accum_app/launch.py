@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
+from pathlib import Path
 
 RUN_STAMP_ENV = "LIGHTNING_ACCUM_RUN_STAMP"
 STAMP_FORMAT = "%Y-%m-%d_%H-%M-%S"
@@ -98,8 +99,28 @@ def share_run_stamp(env: Mapping[str, str], timeout_s: float = 300.0) -> str | N
     return store.get(key).decode()
 
 
+def export_app_path(env: os._Environ | dict[str, str]) -> None:
+    """Put the folder that holds ``lightning_accum_app`` first on ``PYTHONPATH`` in ``env``.
+
+    Processes that the app starts and that unpickle its functions (Slurm jobs of the submitit launcher,
+    joblib workers) then import the app as ``scripts/train.py`` does.
+
+    Example::
+
+        >>> env = {"PYTHONPATH": "/opt/lib"}
+        >>> export_app_path(env)
+        >>> env["PYTHONPATH"].split(os.pathsep)[1], env["PYTHONPATH"].endswith("scripts" + os.pathsep + "/opt/lib")
+        ('/opt/lib', True)
+    """
+    folder = str(Path(__file__).resolve().parent.parent)
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != folder]
+    env["PYTHONPATH"] = os.pathsep.join([folder, *paths])
+
+
 def prepare_process(argv: list[str], env: os._Environ | dict[str, str]) -> None:
-    """Before Hydra starts: share the torchrun or srun run stamp through ``env`` and quiet the non-zero ranks."""
+    """Before Hydra starts: export the app's path, share the torchrun or srun run stamp through ``env`` and
+    quiet the non-zero ranks."""
+    export_app_path(env)
     if RUN_STAMP_ENV not in env:
         stamp = share_run_stamp(env)
         if stamp is not None:

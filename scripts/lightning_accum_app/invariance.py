@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from torch import Tensor
 
-from lightning_accum.examples.sweep import load_runs, markdown_table
+from lightning_accum_app.sweep import load_runs, markdown_table
 
 PARAMETERS_FILE = "parameters.pt"
 

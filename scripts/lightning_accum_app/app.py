@@ -15,8 +15,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lightning_accum.examples.launch import slurm_tasks
-from lightning_accum.examples.sweep import METRICS_FILE
+from lightning_accum_app.launch import slurm_tasks
+from lightning_accum_app.sweep import METRICS_FILE
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, pl.Trainer]:

@@ -12,7 +12,7 @@ from lightning_cases import QUIET_TRAINER
 from reference import relative_distance
 
 from lightning_accum import SampleCountRescaler
-from lightning_accum.examples import CausalLM, DigitsDataModule, MLPModel, TokenSequenceDataModule
+from lightning_accum.demos import CausalLM, DigitsDataModule, MLPModel, TokenSequenceDataModule
 
 
 def test_mlp_loss_ignores_padding_samples():

@@ -1,0 +1,26 @@
+"""Demo models, datasets and data modules with per-item losses (as ``lightning.pytorch.demos`` is Lightning's).
+
+They need no Hydra: ``scripts/train.py`` composes them from ``conf/``, and tests and benchmarks use them
+directly. The library core never imports this subpackage. Every dataset here follows the padding contract of
+``lightning_accum.GlobalBatchSampler``: index ``-1`` returns a placeholder sample with
+``"valid": False``, and every example model ANDs ``batch["valid"]`` into its loss mask.
+"""
+
+from lightning_accum.demos.accumulation import Accumulation
+from lightning_accum.demos.datamodules import (
+    DigitsDataModule,
+    ExampleDataModule,
+    RegressionDataModule,
+    TokenSequenceDataModule,
+)
+from lightning_accum.demos.models import CausalLM, MLPModel
+
+__all__ = [
+    "Accumulation",
+    "CausalLM",
+    "DigitsDataModule",
+    "ExampleDataModule",
+    "MLPModel",
+    "RegressionDataModule",
+    "TokenSequenceDataModule",
+]
