@@ -84,7 +84,7 @@ def masked_sum_and_count(losses: Tensor, mask: Tensor | None = None) -> tuple[Te
     sum_dtype = torch.promote_types(losses.dtype, torch.float32)
     dtype = count_dtype(losses.device)
     if mask is None:
-        count = torch.tensor(float(losses.numel()), dtype=dtype, device=losses.device)
+        count = torch.full((), losses.numel(), dtype=dtype, device=losses.device)  # no host-to-device copy
         return losses.sum(dtype=sum_dtype), count
     counted = mask if mask.dtype == torch.bool else mask != 0
     loss_sum = torch.where(counted, losses, torch.zeros((), dtype=losses.dtype, device=losses.device))

@@ -15,26 +15,8 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_accum.lightning_internals import require_stateful_loader_support
 from lightning_accum.sampler import GlobalBatchSampler
-
-
-def _check_lightning_restores_state_of(loader: DataLoader) -> None:
-    """Fail loudly if this Lightning would not save and restore ``loader``'s state (private parts it relies on)."""
-    fix = "Install lightning>=2.5,<2.7, or save and load GlobalBatchSampler.state_dict() yourself."
-    try:
-        from lightning.fabric.utilities.types import _Stateful
-        from lightning.pytorch.utilities.combined_loader import CombinedLoader
-    except ImportError as error:
-        raise RuntimeError(
-            f"GlobalBatchLoader relies on Lightning checkpointing stateful loaders ({error}). {fix}"
-        ) from error
-    missing = [
-        f"CombinedLoader.{name}" for name in ("_state_dicts", "_load_state_dicts") if not hasattr(CombinedLoader, name)
-    ]
-    if not isinstance(loader, _Stateful):
-        missing.append("recognition as _Stateful")
-    if missing:
-        raise RuntimeError(f"This Lightning lacks {', '.join(missing)}: it would not resume GlobalBatchLoader. {fix}")
 
 
 class GlobalBatchLoader(DataLoader):
@@ -73,7 +55,7 @@ class GlobalBatchLoader(DataLoader):
             )
         super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
         self._position: tuple[int, int] | None = None  # (epoch, micro-batches delivered) of the last iteration
-        _check_lightning_restores_state_of(self)
+        require_stateful_loader_support(self)
 
     def __iter__(self) -> Iterator[Any]:
         sampler = self.batch_sampler

@@ -1,9 +1,7 @@
-"""Look-ahead counting: read a window's batches before its first backward, without consuming them.
+"""Look-ahead counting parts: an iterator that reads ahead without consuming, and a checked count.
 
-Lightning's fit loop takes each batch from a data fetcher that wraps the epoch's batch iterator.
-``upcoming_batches`` reads the next batches from that iterator and pushes them back, so the loop
-later receives exactly the same batches in the same order; the window's item count is then known
-before its first micro-batch, and each micro-batch loss can be scaled exactly (``lookahead_loss_factor``).
+``lightning_internals.upcoming_batches`` wraps the fit loop's batch iterator in a ``PeekableIterator``, so the
+loop later receives exactly the batches that look-ahead mode counted, in the same order.
 """
 
 from __future__ import annotations
@@ -52,37 +50,6 @@ class PeekableIterator(Iterator):
         if self._exhausted:
             raise StopIteration
         return next(self.source)
-
-
-def upcoming_batches(data_fetcher: Any, n: int) -> list[Any]:
-    """The next ``n`` batches (fewer at the epoch's end) that ``data_fetcher`` will hand to the fit loop.
-
-    Batches the fetcher has already prefetched come first; the rest are read from its iterator, which is
-    wrapped once in a ``PeekableIterator`` so that the loop still receives them. Relies on the fetchers of
-    ``lightning.pytorch.loops.fetchers`` (items are ``(batch, batch_idx, dataloader_idx)``).
-    """
-    if n <= 0:
-        return []
-    prefetched = [item[0] for item in getattr(data_fetcher, "batches", [])][:n]
-    iterator = data_fetcher.iterator
-    if not isinstance(iterator, PeekableIterator):
-        iterator = data_fetcher.iterator = PeekableIterator(iterator)
-    read = [] if getattr(data_fetcher, "done", False) else iterator.peek(n - len(prefetched))
-    return prefetched + [item[0] for item in read]
-
-
-def lookahead_loss_factor(accumulate_grad_batches: int, world_size: int, global_items: Tensor) -> Tensor:
-    """Return ``K * R / N``: a micro-batch's loss sum times this, averaged by Lightning (1/K) and DDP (1/R),
-    contributes exactly its share of the window's item mean. An empty window (``N = 0``) gives ``K * R``
-    (its loss sums are all zero).
-
-    Example::
-
-        >>> import torch
-        >>> lookahead_loss_factor(4, 2, torch.tensor(40.0))
-        tensor(0.2000)
-    """
-    return (accumulate_grad_batches * world_size) / global_items.clamp_min(1)
 
 
 def as_count(count: Any, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -4,22 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import lightning.pytorch as pl
 from torch import Tensor
 
-from lightning_accum.callback import SampleCountRescaler
 from lightning_accum.counting import masked_sum_and_count
-
-
-def find_rescaler(trainer: pl.Trainer) -> SampleCountRescaler:
-    """Return the trainer's one ``SampleCountRescaler``, or raise an error that says how to add it."""
-    rescalers = [cb for cb in trainer.callbacks if isinstance(cb, SampleCountRescaler)]
-    if len(rescalers) != 1:
-        raise RuntimeError(
-            f"sample_loss needs exactly one SampleCountRescaler in the Trainer's callbacks, found "
-            f"{len(rescalers)}. Use `Trainer(..., callbacks=[SampleCountRescaler()])`."
-        )
-    return rescalers[0]
 
 
 class SampleCountMixin:
@@ -76,7 +63,7 @@ class SampleCountMixin:
                 f"{type(self).__name__} uses manual optimization: call `self.sample_backward(losses, mask)` "
                 "instead of `self.manual_backward(self.sample_loss(losses, mask))`."
             )
-        return find_rescaler(trainer).record(self, losses, mask)
+        return self._attached_rescaler().micro_batch_loss(self, losses, mask)
 
     def sample_backward(self, losses: Tensor, mask: Tensor | None = None) -> None:
         """Manual optimization: backpropagate these per-item ``losses`` into the current window.
@@ -120,7 +107,17 @@ class SampleCountMixin:
                 "sample_backward is for training_step with manual optimization (`automatic_optimization = "
                 "False`); with automatic optimization return `self.sample_loss(losses, mask)` instead."
             )
-        self.manual_backward(find_rescaler(trainer).record(self, losses, mask))
+        self.manual_backward(self._attached_rescaler().micro_batch_loss(self, losses, mask))
+
+    def _attached_rescaler(self) -> Any:
+        """The ``SampleCountRescaler`` that attached itself to this module at setup (or an error saying to add one)."""
+        rescaler = getattr(self, "_sample_count_rescaler", None)
+        if rescaler is None:
+            raise RuntimeError(
+                "sample_loss needs a SampleCountRescaler in the Trainer's callbacks, found none. Use "
+                "`Trainer(..., callbacks=[SampleCountRescaler()])`."
+            )
+        return rescaler
 
     def count_items(self, batch: Any) -> Tensor:
         """Look-ahead mode: the number of counted items in ``batch``, by the same rule as the loss mask.

@@ -1,10 +1,14 @@
-"""Scale factors of the deferred rescale and the in-place gradient multiply.
+"""The weighting math of both modes: the loss each micro-batch returns, and the window's gradient factor.
 
-A micro-batch returns ``sum of its item losses / u``, where ``u`` is a constant number of items per
-micro-batch fixed once for the run (it only keeps the backward near the size of a mean loss).
-Lightning divides that by the accumulation K and DDP averages over the R ranks, so the accumulated
-gradient is ``grad(S) / (K * R * u)`` with ``S`` the window's global loss sum. Multiplying it by
-``K * R * u / N`` (``N`` the window's global item count) gives exactly ``grad(S) / N``.
+Lightning divides every micro-batch loss by the accumulation K and DDP averages gradients over R ranks,
+so a window's gradient is ``sum over micro-batches b of grad(L_b) / (K * R)``. With ``S_b`` a micro-batch's
+sum of counted item losses and ``N`` the window's global item count, the goal is ``grad(sum S_b) / N``:
+
+- deferred mode returns ``L_b = S_b / u`` (``u`` a constant of the run, near the items of a micro-batch, that
+  keeps the backward near a mean loss) and multiplies the window's gradient by ``K * R * u / N``;
+- look-ahead mode knows ``N`` before the window and returns ``L_b = S_b * K * R / N``; nothing is rescaled,
+  unless micro-batches that were counted ahead never reached a backward (their items are then missing from
+  the gradient, and ``N_counted / N_backpropagated`` corrects it).
 """
 
 from __future__ import annotations
@@ -16,10 +20,28 @@ import torch
 from torch import Tensor
 
 
+def _require_positive(accumulate_grad_batches: int, world_size: int) -> None:
+    if accumulate_grad_batches < 1 or world_size < 1:
+        raise ValueError(
+            f"accumulate_grad_batches and world_size must be >= 1, got {accumulate_grad_batches} and {world_size}."
+        )
+
+
+def deferred_loss(loss_sum: Tensor, items_per_micro_batch: Tensor) -> Tensor:
+    """Deferred mode: the micro-batch loss ``S_b / u`` (exact once the window is rescaled).
+
+    Example::
+
+        >>> deferred_loss(torch.tensor(12.0), torch.tensor(8.0, dtype=torch.float64))
+        tensor(1.5000)
+    """
+    return loss_sum / items_per_micro_batch.to(loss_sum.dtype)
+
+
 def window_rescale_factor(
     accumulate_grad_batches: int, world_size: int, items_per_micro_batch: Tensor, global_items: Tensor
 ) -> Tensor:
-    """Return ``K * R * u / N``, the factor that turns the accumulated gradient into the item mean.
+    """Deferred mode: ``K * R * u / N``, the factor that turns the accumulated gradient into the item mean.
 
     Example::
 
@@ -27,11 +49,22 @@ def window_rescale_factor(
         >>> window_rescale_factor(4, 2, torch.tensor(8.0), torch.tensor(40.0))
         tensor(1.6000)
     """
-    if accumulate_grad_batches < 1 or world_size < 1:
-        raise ValueError(
-            f"accumulate_grad_batches and world_size must be >= 1, got {accumulate_grad_batches} and {world_size}."
-        )
+    _require_positive(accumulate_grad_batches, world_size)
     return (accumulate_grad_batches * world_size) * items_per_micro_batch / global_items
+
+
+def lookahead_loss_factor(accumulate_grad_batches: int, world_size: int, global_items: Tensor) -> Tensor:
+    """Look-ahead mode: ``K * R / N``; a micro-batch's loss sum times this, averaged by Lightning (1/K) and DDP
+    (1/R), contributes exactly its share of the window's item mean. An empty window (``N = 0``) gives ``K * R``
+    (its loss sums are all zero).
+
+    Example::
+
+        >>> lookahead_loss_factor(4, 2, torch.tensor(40.0))
+        tensor(0.2000)
+    """
+    _require_positive(accumulate_grad_batches, world_size)
+    return (accumulate_grad_batches * world_size) / global_items.clamp_min(1)
 
 
 def scale_gradients_(grads: Iterable[Tensor], factor: Tensor) -> None:

@@ -64,13 +64,13 @@ def test_one_host_read_per_optimizer_step_none_per_micro_batch(case, mode: str) 
             fit(case, module, [SampleCountRescaler(mode=mode)])
     micro_batches = len(case.plan[0]) * case.epochs
     assert micro_batches > steps  # several micro-batches per step, so a per-micro-batch read would show
-    assert dict(reads.by_function) == {"on_before_optimizer_step": steps}
+    assert dict(reads.by_function) == {"finish_window": steps}  # the engine's verdict
 
 
 def test_no_host_reads_that_the_dispatch_mode_cannot_see() -> None:
     # .tolist(), .numpy() and .cpu() read or copy on the host without reaching the dispatcher on CPU.
     # These modules handle device tensors (the sampler only draws host-side indices).
-    for name in ("callback", "mixin", "counting", "scaling", "window", "lookahead", "support"):
+    for name in ("callback", "engines", "mixin", "counting", "scaling", "window", "lookahead", "support"):
         source = Path(PACKAGE, f"{name}.py")
         text = source.read_text()
         for call in (".tolist(", ".numpy(", ".cpu("):

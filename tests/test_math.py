@@ -61,12 +61,10 @@ def test_scale_gradients_in_place_across_dtypes() -> None:
 
 
 def test_item_window_sums_micro_batches_and_resets() -> None:
-    window = ItemWindow()
+    window = ItemWindow(size=2)
     for loss_sum, items in [(2.0, 1.0), (5.0, 4.0), (0.0, 0.0)]:
-        window.add(torch.tensor(loss_sum), torch.tensor(items, dtype=torch.float64))
-    seen = []
-    totals = window.pop(reduce_sum=lambda t: seen.append(t.clone()) or t * 2, device=torch.device("cpu"))
-    assert seen[0].tolist() == [7.0, 5.0]  # what one rank contributes to the all-reduce
-    assert totals.tolist() == [14.0, 10.0]  # what the reduce (here: two equal ranks) returned
-    empty = window.pop(reduce_sum=lambda t: t, device=torch.device("cpu"))
-    assert empty.tolist() == [0.0, 0.0]
+        window.add(torch.tensor([loss_sum, items], dtype=torch.float64))
+    assert window.take(torch.device("cpu"), torch.float64).tolist() == [7.0, 5.0]
+    window.add(torch.tensor([1.0, 1.0], dtype=torch.float64))
+    window.reset()  # gradients zeroed: the window's totals go with them
+    assert window.take(torch.device("cpu"), torch.float64).tolist() == [0.0, 0.0]

@@ -1,0 +1,285 @@
+"""One weighting engine per mode: the loss a micro-batch returns, and what happens before the optimizer step.
+
+Both engines count a micro-batch's items only when a backward pass carries its loss (a hook on the loss
+they return), and forget them when the gradients are zeroed or the window is dropped (``forget_window``).
+So the window's counts always describe the gradients that the optimizer step sees: a loss that is never
+backpropagated (a skipped batch, a loss computed for logging) counts nothing. Engines know nothing of
+Lightning; ``SampleCountRescaler`` hands them the run's K, world size and collectives in a ``RunState``.
+
+Per optimizer step an engine makes one all-reduce of its window totals and one host read (``int`` of a
+verdict that packs every decision), then rescales the gradients in place where its mode needs it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_accum.counting import count_dtype
+from lightning_accum.scaling import deferred_loss, lookahead_loss_factor, scale_gradients_, window_rescale_factor
+from lightning_accum.window import ItemWindow
+
+EMPTY, RANKS_DISAGREE, COUNT_MISMATCH, NOT_ALL_CARRIED = 1, 2, 4, 8
+"""Bits of a step's verdict: no item counted; ranks disagree on the epoch ending; look-ahead's count differs from
+the masks'; look-ahead counted micro-batches that no backward carried."""
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What an engine needs to know about the run at a micro-batch or an optimizer step.
+
+    ``accumulate_grad_batches`` is the K that Lightning divides each loss by (1 with manual optimization);
+    ``reduce_sum`` and ``reduce_mean`` all-reduce a tensor over the data-parallel ranks.
+    """
+
+    accumulate_grad_batches: int
+    world_size: int
+    device: torch.device
+    reduce_sum: Callable[[Tensor], Tensor]
+    reduce_mean: Callable[[Tensor], Tensor]
+
+    @classmethod
+    def single_process(cls, accumulate_grad_batches: int = 1) -> RunState:
+        """A run in one process on the CPU (for examples and tests without a Trainer)."""
+        return cls(accumulate_grad_batches, 1, torch.device("cpu"), lambda t: t, lambda t: t)
+
+
+@dataclass(frozen=True)
+class WindowTotals:
+    """A finished window's global sum of counted item losses and item count; ``empty``: no item, no update."""
+
+    loss_sum: Tensor
+    items: Tensor
+    empty: bool
+
+
+class WeightingEngine(ABC):
+    """The interface of both modes: ``micro_batch_loss`` per micro-batch, ``finish_window`` before the step."""
+
+    totals_size = 2  # each backward adds [loss sum, items] to the window
+
+    def __init__(self) -> None:
+        self._window = ItemWindow(self.totals_size)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything of a previous fit (a fit stopped mid-window leaves a partial window)."""
+        self._window.reset()
+
+    def forget_window(self) -> None:
+        """The window's gradients were zeroed or dropped: its counts go with them."""
+        self._window.reset()
+
+    @abstractmethod
+    def micro_batch_loss(self, loss_sum: Tensor, items: Tensor, run: RunState) -> Tensor:
+        """The loss to backpropagate for a micro-batch with this sum of counted item losses and item count."""
+
+    def finish_window(self, params: Sequence[torch.nn.Parameter], run: RunState, ends_epoch: bool) -> WindowTotals:
+        """Before the optimizer step: reduce the window over ranks and make ``params``' gradients the item mean.
+
+        ``ends_epoch`` says whether this window ends the epoch on this rank; ranks that disagree would wait on
+        each other's next collective, so every rank raises instead. An empty window sets the gradients to
+        ``None`` (the optimizer then leaves parameters and state untouched).
+        """
+        local = self._window.take(run.device, count_dtype(run.device))
+        flag = torch.full((1,), float(ends_epoch), dtype=local.dtype, device=local.device)
+        totals = run.reduce_sum(torch.cat([local, flag]))
+        verdict = int(self._verdict(totals, run.world_size))  # the one host read per optimizer step
+        self._raise_for(verdict, totals, run.world_size)
+        if verdict & EMPTY:
+            for p in params:
+                p.grad = None
+        else:
+            grads = [p.grad for p in params if p.grad is not None]
+            self._rescale(grads, totals, verdict, run)
+        return WindowTotals(loss_sum=totals[0], items=totals[1], empty=bool(verdict & EMPTY))
+
+    def _carry(self, loss: Tensor, totals: Tensor) -> Tensor:
+        """Add ``totals`` to the window when (and each time) a backward pass reaches ``loss``."""
+        if loss.requires_grad:
+            loss.register_hook(lambda grad: self._window.add(totals))
+        return loss
+
+    def _verdict(self, totals: Tensor, world_size: int) -> Tensor:
+        ranks_ending = totals[-1]
+        disagree = (ranks_ending != 0) & (ranks_ending != world_size)
+        return (totals[1] == 0).int() * EMPTY + disagree.int() * RANKS_DISAGREE
+
+    def _raise_for(self, verdict: int, totals: Tensor, world_size: int) -> None:
+        """Raise the error that a verdict bit stands for."""
+        if verdict & RANKS_DISAGREE:
+            raise RuntimeError(
+                f"{int(totals[-1])} of {world_size} ranks ended their epoch at this optimizer step while the "
+                "others have more batches: the ranks ran different numbers of batches, and the next collective "
+                "would hang. Give every rank the same number of batches, e.g. with "
+                "GlobalBatchLoader(dataset, GlobalBatchSampler(...)) and Trainer(use_distributed_sampler=False), "
+                "which pads short ranks with placeholder samples that count nothing."
+            )
+
+    @abstractmethod
+    def _rescale(self, grads: list[Tensor], totals: Tensor, verdict: int, run: RunState) -> None:
+        """Make the accumulated gradients of a non-empty window the item mean."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        return None
+
+
+class DeferredEngine(WeightingEngine):
+    """Default mode: each micro-batch returns ``S_b / u``; the step multiplies the gradients by ``K R u / N``.
+
+    ``u`` is the global mean item count of the run's first micro-batch (one all-reduce per fit); it only sets
+    the backward's magnitude (for fp16) and is kept in checkpoints.
+
+    Example::
+
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> engine, run = DeferredEngine(), RunState.single_process(accumulate_grad_batches=2)
+        >>> for x in (torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])):
+        ...     losses = x @ w                          # one loss per sample
+        ...     loss = engine.micro_batch_loss(losses.sum(), torch.tensor(float(len(x)), dtype=torch.float64), run)
+        ...     (loss / 2).backward()                   # Lightning divides by K
+        >>> totals = engine.finish_window([w], run, ends_epoch=False)
+        >>> w.grad, totals.items                        # the mean over the 4 samples
+        (tensor([4., 5.]), tensor(4., dtype=torch.float64))
+    """
+
+    def reset(self) -> None:
+        super().reset()
+        self._unit: Tensor | None = None
+
+    def micro_batch_loss(self, loss_sum: Tensor, items: Tensor, run: RunState) -> Tensor:
+        if self._unit is None:
+            # Once per run, on every rank at its first micro-batch, so that all ranks divide by the same constant.
+            self._unit = run.reduce_mean(items.clone()).clamp_min(1.0)
+        self._unit = self._unit.to(device=items.device, dtype=items.dtype)  # a checkpoint restores it on the CPU
+        return self._carry(deferred_loss(loss_sum, self._unit), torch.stack([loss_sum.detach().to(items), items]))
+
+    def _rescale(self, grads: list[Tensor], totals: Tensor, verdict: int, run: RunState) -> None:
+        assert self._unit is not None, "a window with counted items had a micro-batch loss"
+        factor = window_rescale_factor(run.accumulate_grad_batches, run.world_size, self._unit, totals[1])
+        scale_gradients_(grads, factor)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"items_per_micro_batch": None if self._unit is None else float(self._unit)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        unit = state_dict["items_per_micro_batch"]
+        self._unit = None if unit is None else torch.tensor(unit, dtype=torch.float64)
+
+
+class LookaheadEngine(WeightingEngine):
+    """Look-ahead mode: the window's items are counted before its first backward and each loss is exact.
+
+    ``start_window`` takes this rank's per-micro-batch counts of the window (from ``count_items``) and
+    all-reduces their sum once; ``at_micro_batch`` says which batch of the epoch runs next. At the
+    step, the counts of the micro-batches that a backward carried are checked against the masks that
+    ``sample_loss`` saw. Micro-batches counted ahead but never backpropagated (a skipped batch, an epoch ended
+    early) are missing from the gradient; the step then rescales it by ``N_counted / N_carried``.
+
+    Example::
+
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> engine, run = LookaheadEngine(), RunState.single_process(accumulate_grad_batches=2)
+        >>> batches = [torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])]
+        >>> engine.start_window(torch.tensor([1.0, 3.0], dtype=torch.float64), run)
+        >>> for batch_idx, x in enumerate(batches):
+        ...     engine.at_micro_batch(batch_idx, run.accumulate_grad_batches)
+        ...     loss = engine.micro_batch_loss((x @ w).sum(), torch.tensor(float(len(x)), dtype=torch.float64), run)
+        ...     (loss / 2).backward()
+        >>> totals = engine.finish_window([w], run, ends_epoch=False)
+        >>> w.grad
+        tensor([4., 5.])
+    """
+
+    totals_size = 3  # [loss sum, items, items that count_items counted in the same micro-batches]
+
+    def reset(self) -> None:
+        super().reset()
+        self._counts: Tensor | None = None  # this rank's count of each micro-batch of the window
+        self._window_items: Tensor | None = None  # the window's global count
+        self._k = 0
+        self._offset = 0
+        self._carried: set[int] = set()  # offsets of the micro-batches a backward carried
+
+    def forget_window(self) -> None:
+        super().forget_window()
+        self._carried = set()
+
+    def start_window(self, counts: Tensor, run: RunState) -> None:
+        """Start a window whose micro-batches count ``counts`` items on this rank (one all-reduce)."""
+        self._counts = counts
+        self._window_items = run.reduce_sum(counts.sum())
+        self._k = run.accumulate_grad_batches
+        self._offset = 0
+
+    def at_micro_batch(self, batch_idx: int, accumulate_grad_batches: int) -> None:
+        """Batch ``batch_idx`` of the epoch runs next; raise if it continues a window this engine did not start."""
+        offset = batch_idx % accumulate_grad_batches
+        if offset and self._window_items is None:
+            raise RuntimeError(
+                f"SampleCountRescaler(mode='lookahead') cannot start in the middle of a window (batch {batch_idx}, "
+                f"K={accumulate_grad_batches}): its first batches were trained before this fit resumed from a "
+                "checkpoint saved mid-window. Save checkpoints at step boundaries "
+                "(ModelCheckpoint(every_n_train_steps=...)), or use the default mode."
+            )
+        if offset and accumulate_grad_batches != self._k:
+            raise RuntimeError(
+                f"accumulate_grad_batches changed from {self._k} to {accumulate_grad_batches} inside a window "
+                f"(batch {batch_idx}); change it only at epoch start (GradientAccumulationScheduler)."
+            )
+        self._offset = offset
+
+    def micro_batch_loss(self, loss_sum: Tensor, items: Tensor, run: RunState) -> Tensor:
+        if self._window_items is None or self._counts is None:
+            raise RuntimeError("sample_loss was called outside a look-ahead window (no training batch started).")
+        factor = lookahead_loss_factor(self._k, run.world_size, self._window_items)
+        loss = loss_sum * factor.to(device=loss_sum.device, dtype=loss_sum.dtype)
+        offset = self._offset
+        expected = self._counts[offset].to(items)
+        if not loss.requires_grad:
+            return loss
+
+        def carry(grad: Tensor) -> None:
+            # A micro-batch's count_items total counts once, however many sample_loss outputs it backpropagates.
+            first = offset not in self._carried
+            self._carried.add(offset)
+            self._window.add(torch.stack([loss_sum.detach().to(items), items, expected * first]))
+
+        loss.register_hook(carry)
+        return loss
+
+    def finish_window(self, params: Sequence[torch.nn.Parameter], run: RunState, ends_epoch: bool) -> WindowTotals:
+        try:
+            return super().finish_window(params, run, ends_epoch)
+        finally:
+            self._counts = self._window_items = None
+            self._carried = set()
+
+    def _verdict(self, totals: Tensor, world_size: int) -> Tensor:
+        assert self._window_items is not None, "finish_window follows start_window"
+        items, expected = totals[1], totals[2]
+        mismatch = (items != expected).int() * COUNT_MISMATCH
+        not_all_carried = (items != self._window_items.to(items)).int() * NOT_ALL_CARRIED
+        return super()._verdict(totals, world_size) + mismatch + not_all_carried
+
+    def _raise_for(self, verdict: int, totals: Tensor, world_size: int) -> None:
+        super()._raise_for(verdict, totals, world_size)
+        if verdict & COUNT_MISMATCH:
+            raise RuntimeError(
+                f"count_items counted {float(totals[2]):g} items in the micro-batches of this window that were "
+                f"backpropagated, but their sample_loss masks counted {float(totals[1]):g}. Make count_items(batch) "
+                "apply the same rule as the loss mask."
+            )
+
+    def _rescale(self, grads: list[Tensor], totals: Tensor, verdict: int, run: RunState) -> None:
+        if verdict & NOT_ALL_CARRIED:
+            assert self._window_items is not None
+            scale_gradients_(grads, self._window_items.to(totals) / totals[1])

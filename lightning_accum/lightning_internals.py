@@ -1,0 +1,118 @@
+"""Every use of Lightning's private API, each behind a capability check that names the fix.
+
+Verified on lightning 2.5.0 and 2.6.6 (CI runs the tests on both). The checks run at setup, so a Lightning
+that lacks a part fails before training instead of training wrong:
+
+- look-ahead mode reads the next batches from the fit loop's data fetcher (``fit_loop._data_fetcher``, its
+  ``iterator``, prefetched ``batches`` and ``done``) and pushes them back;
+- the optimizer step ends the epoch on this rank when the epoch loop's ``_num_ready_batches_reached()``;
+- ``GlobalBatchLoader`` relies on Lightning saving and restoring the state of a ``_Stateful`` train loader
+  (``CombinedLoader._state_dicts`` / ``_load_state_dicts``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from lightning_accum.lookahead import PeekableIterator
+
+SUPPORTED = "lightning>=2.5,<2.7"
+
+
+def _missing_message(feature: str, missing: list[str], fix: str) -> str:
+    return f"{feature} relies on Lightning internals that this Lightning lacks ({', '.join(missing)}). {fix}"
+
+
+def require_lookahead_support(trainer: pl.Trainer) -> None:
+    """Raise unless this Lightning lets look-ahead mode read batches ahead of its fit loop.
+
+    Example::
+
+        >>> require_lookahead_support(pl.Trainer(logger=False, enable_checkpointing=False))
+    """
+    missing = []
+    try:
+        from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher, _PrefetchDataFetcher  # noqa: F401
+    except ImportError:
+        missing.append("lightning.pytorch.loops.fetchers._PrefetchDataFetcher, _DataLoaderIterDataFetcher")
+    else:
+        probe = _PrefetchDataFetcher()
+        missing += [
+            f"_PrefetchDataFetcher.{name}" for name in ("iterator", "batches", "done") if not hasattr(probe, name)
+        ]
+    if not hasattr(trainer.fit_loop, "_data_fetcher"):
+        missing.append("fit_loop._data_fetcher")
+    if missing:
+        fix = f"Install {SUPPORTED}, or use SampleCountRescaler's default mode (mode='deferred')."
+        raise RuntimeError(_missing_message("SampleCountRescaler(mode='lookahead')", missing, fix))
+
+
+def upcoming_batches(trainer: pl.Trainer, n: int) -> list[Any]:
+    """The next ``n`` batches (fewer at the epoch's end) that the fit loop will receive, without consuming them.
+
+    Batches the fetcher has already prefetched come first; the rest are read from its iterator, which is
+    wrapped once in a ``PeekableIterator`` so that the loop still receives every batch, in order.
+    """
+    from lightning.pytorch.loops.fetchers import _DataLoaderIterDataFetcher
+
+    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+    if fetcher is None or isinstance(fetcher, _DataLoaderIterDataFetcher):
+        raise RuntimeError(
+            "SampleCountRescaler(mode='lookahead') cannot read ahead when training_step takes `dataloader_iter`: "
+            "the module itself draws the batches. Use the default mode (mode='deferred')."
+        )
+    if n <= 0:
+        return []
+    prefetched = [item[0] for item in fetcher.batches][:n]  # items are (batch, batch_idx, dataloader_idx)
+    iterator = fetcher.iterator
+    if not isinstance(iterator, PeekableIterator):
+        iterator = fetcher.iterator = PeekableIterator(iterator)
+    read = [] if fetcher.done else iterator.peek(n - len(prefetched))
+    return prefetched + [item[0] for item in read]
+
+
+def require_window_end_support() -> None:
+    """Raise unless this Lightning tells whether an optimizer step ends the epoch on this rank.
+
+    Example::
+
+        >>> require_window_end_support()
+    """
+    from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
+
+    if not hasattr(_TrainingEpochLoop, "_num_ready_batches_reached"):
+        fix = f"Install {SUPPORTED}."
+        raise RuntimeError(_missing_message("SampleCountRescaler", ["_num_ready_batches_reached"], fix))
+
+
+def window_ends_epoch(trainer: pl.Trainer) -> bool:
+    """True when the optimizer step being taken is the last of the epoch on this rank (automatic optimization)."""
+    return bool(trainer.fit_loop.epoch_loop._num_ready_batches_reached())
+
+
+def require_stateful_loader_support(loader: DataLoader) -> None:
+    """Raise unless this Lightning saves and restores ``loader``'s ``state_dict`` in its checkpoints.
+
+    Example::
+
+        >>> class Stateful(DataLoader):
+        ...     def state_dict(self): return {}
+        ...     def load_state_dict(self, state): pass
+        >>> require_stateful_loader_support(Stateful([1, 2]))
+    """
+    fix = f"Install {SUPPORTED}, or save and load GlobalBatchSampler.state_dict() yourself."
+    try:
+        from lightning.fabric.utilities.types import _Stateful
+        from lightning.pytorch.utilities.combined_loader import CombinedLoader
+    except ImportError as error:
+        raise RuntimeError(_missing_message("GlobalBatchLoader", [str(error)], fix)) from error
+    missing = [
+        f"CombinedLoader.{name}" for name in ("_state_dicts", "_load_state_dicts") if not hasattr(CombinedLoader, name)
+    ]
+    if not isinstance(loader, _Stateful):
+        missing.append("recognition as _Stateful")
+    if missing:
+        raise RuntimeError(_missing_message("GlobalBatchLoader", missing, fix))
