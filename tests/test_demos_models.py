@@ -8,7 +8,7 @@ from functools import partial
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning_cases import QUIET_TRAINER
+from fits import QUIET_TRAINER
 from reference import relative_distance
 
 from lightning_accum import SampleCountRescaler

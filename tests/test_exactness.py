@@ -8,23 +8,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning_cases import (
+from cases import (
+    EXACT_TOLERANCE,
+    NAIVE_MINIMUM,
     Case,
-    ExactModule,
-    fit_case,
-    make_micro_batch,
+    last_batch_smaller_case,
     make_net,
     make_optimizer,
     masked_ranks_case,
+    reference_distance,
     uneven_ranks_case,
+    varied_sizes_plan,
 )
-from precision_cases import fit, reference_distance
+from fits import ExactModule, fit, fit_case
 from reference import flat_parameters, item_losses, relative_distance, train_reference
 
 from lightning_accum import SampleCountRescaler
-
-EXACT_TOLERANCE = 1e-5  # relative to the whole update, float32
-NAIVE_MINIMUM = 0.1  # the naive run must be visibly wrong, so the comparison can fail
 
 
 def distances(case: Case, strategy: str = "auto", devices: int = 1) -> tuple[float, float]:
@@ -38,13 +37,6 @@ def distances(case: Case, strategy: str = "auto", devices: int = 1) -> tuple[flo
     return relative_distance(exact, reference, initial), relative_distance(naive, reference, initial)
 
 
-def last_batch_smaller_case(k: int) -> Case:
-    """10 samples in batches of 3: micro-batches of 3, 3, 3, 1 every epoch."""
-    x, y, _ = make_micro_batch(10, seed=1)
-    plan = [[(x[i : i + 3], y[i : i + 3], None) for i in range(0, 10, 3)]]
-    return Case(plan=plan, accumulation=k, epochs=4)
-
-
 @pytest.mark.parametrize("k", range(1, 9))
 def test_last_batch_smaller_any_k(k: int, measured) -> None:
     exact, naive = distances(last_batch_smaller_case(k))
@@ -53,11 +45,6 @@ def test_last_batch_smaller_any_k(k: int, measured) -> None:
         assert measured(naive, "naive") <= EXACT_TOLERANCE
     else:
         assert measured(naive, "naive") > NAIVE_MINIMUM
-
-
-def varied_sizes_plan(tokens: int | None = None, keep: float | None = None) -> list[list]:
-    sizes = [7, 1, 4, 2, 6, 1, 3]
-    return [[make_micro_batch(n, seed=i, tokens=tokens, keep=keep) for i, n in enumerate(sizes)]]
 
 
 def test_accumulation_schedule_changes_k_between_epochs(measured) -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning_cases import Case, make_net
-from precision_cases import CountingModule, ManualModule, fit, masked_tokens_case
+from cases import Case, make_net, masked_tokens_case
+from fits import CountingModule, ManualModule, fit
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_accum

@@ -7,8 +7,8 @@ import sys
 
 import optuna
 import pytest
+from app_runs import QUIET, TRAIN, read_rows, run
 from omegaconf import OmegaConf
-from test_hydra_app import QUIET, TRAIN, read_rows, run
 
 
 @pytest.mark.slow

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from app_runs import initial_model
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from reference import relative_distance
-from test_hydra_app import initial_model
 
 from lightning_accum_app.app import run_training
 from lightning_accum_app.invariance import flat_parameters

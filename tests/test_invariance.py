@@ -16,8 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from distributed_exit import ReleaseProcessGroup
-from lightning_cases import QUIET_TRAINER
+from fits import QUIET_TRAINER, ReleaseProcessGroup
 from reference import MicroBatch, flat_parameters, relative_distance, train_reference
 from torch import Tensor, nn
 from torch.utils.data import DataLoader

@@ -2,65 +2,26 @@
 
 from __future__ import annotations
 
-import csv
-import math
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
-from lightning_cases import (
-    QUIET_TRAINER,
+from cases import (
     Case,
-    ExactModule,
-    fit_case,
+    assert_logs_match,
     make_micro_batch,
     make_net,
-    make_optimizer,
     masked_ranks_case,
+    reference_distance,
+    reference_run,
+    varied_case,
 )
-from precision_cases import CountingModule, fit, reference_distance
-from reference import ReferenceRun, flat_parameters, relative_distance, train_reference
+from fits import QUIET_TRAINER, CountingModule, ExactModule, fit, fit_case, read_metrics
+from lightning.pytorch.loggers import CSVLogger
+from reference import flat_parameters, relative_distance
 
 from lightning_accum import SampleCountRescaler
-
-
-def reference_run(case: Case) -> ReferenceRun:
-    return train_reference(
-        make_net(), case.reference_windows(), make_optimizer(case.optimizer, case.lr), case.clip_norm, case.clip_value
-    )
-
-
-def read_metrics(logger: CSVLogger) -> list[dict[str, str]]:
-    with open(Path(logger.log_dir) / "metrics.csv") as f:
-        return list(csv.DictReader(f))
-
-
-def epoch_means(run: ReferenceRun, windows_per_epoch: int) -> list[float]:
-    means = []
-    for start in range(0, len(run.step_items), windows_per_epoch):
-        items = run.step_items[start : start + windows_per_epoch]
-        losses = run.step_losses[start : start + windows_per_epoch]
-        means.append(sum(loss * n for loss, n in zip(losses, items, strict=True) if n) / sum(items))
-    return means
-
-
-def assert_logs_match(rows: list[dict[str, str]], run: ReferenceRun, windows_per_epoch: int) -> None:
-    step_rows = [r for r in rows if r["train/items"]]
-    assert [int(float(r["train/items"])) for r in step_rows] == run.step_items
-    for row, expected in zip(step_rows, run.step_losses, strict=True):
-        if math.isnan(expected):
-            assert math.isnan(float(row["train/loss"]))  # an empty window's mean is undefined
-        else:
-            assert float(row["train/loss"]) == pytest.approx(expected, rel=1e-6)
-    epoch_rows = [float(r["train/loss_epoch"]) for r in rows if r["train/loss_epoch"]]
-    assert epoch_rows == pytest.approx(epoch_means(run, windows_per_epoch), rel=1e-6)
-
-
-def varied_case(epochs: int = 2) -> Case:
-    plan = [[make_micro_batch(n, seed=i, tokens=3, keep=0.6) for i, n in enumerate([7, 1, 4, 2, 6, 1, 3])]]
-    return Case(plan=plan, accumulation=3, epochs=epochs)
 
 
 def test_step_and_epoch_logs_are_global_item_means(tmp_path: Path) -> None:

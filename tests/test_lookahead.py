@@ -7,19 +7,22 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
-from lightning_cases import Case, make_net
-from precision_cases import (
-    CountingModule,
+from cases import (
+    EXACT_TOLERANCE,
+    Case,
+    assert_logs_match,
     count_case_items,
     empty_windows_case,
-    fit,
+    last_batch_smaller_case,
+    make_net,
     masked_tokens_case,
     reference_distance,
+    reference_run,
+    varied_sizes_plan,
 )
+from fits import CountingModule, fit, read_metrics
+from lightning.pytorch.loggers import CSVLogger
 from reference import item_losses
-from test_exactness import EXACT_TOLERANCE, last_batch_smaller_case, varied_sizes_plan
-from test_logging_and_state import assert_logs_match, read_metrics, reference_run
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_accum import SampleCountRescaler

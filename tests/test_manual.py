@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from lightning_cases import Case, make_net
-from precision_cases import ManualModule, fit, fit_manual_net, masked_tokens_case, reference_distance, tolerance
+from cases import EXACT_TOLERANCE, Case, make_net, masked_tokens_case, reference_distance, tolerance, varied_sizes_plan
+from fits import ManualModule, fit, fit_manual_net
 from reference import item_losses
-from test_exactness import EXACT_TOLERANCE, varied_sizes_plan
 
 from lightning_accum import SampleCountRescaler
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning_cases import Case, ExactModule, NaiveModule, make_micro_batch, make_net
-from precision_cases import CountingModule
-from precision_cases import fit as fit_case_module
+from cases import Case, make_micro_batch, make_net
+from fits import CountingModule, ExactModule, NaiveModule
+from fits import fit as fit_case_module
 from reference import MicroBatch, item_losses
 
 from lightning_accum import GlobalBatchSampler, SampleCountRescaler

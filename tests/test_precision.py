@@ -4,23 +4,20 @@ Under DDP every precision runs in every mode: deferred, look-ahead and manual op
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.plugins.precision import FSDPPrecision
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
-from lightning_cases import Case, make_net, masked_ranks_case
-from precision_cases import (
-    CountingModule,
+from cases import (
+    Case,
     empty_windows_case,
-    fit,
-    fit_manual_net,
-    fit_net,
-    fp16_scaler_plugin,
+    make_net,
+    masked_ranks_case,
     masked_tokens_case,
     reference_distance,
     tolerance,
 )
+from fits import CountingModule, fit, fit_manual_net, fit_net, fp16_scaler_plugin
+from lightning.pytorch.plugins.precision import FSDPPrecision
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 
 from lightning_accum import SampleCountRescaler
 from lightning_accum.support import require_supported_precision, require_supported_strategy
@@ -95,13 +92,6 @@ def test_strategies_that_own_the_step_fail_with_the_alternative() -> None:
     for strategy in (FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)):
         with pytest.raises(RuntimeError, match=r"does not support the \w+ strategy.*strategy='ddp'"):
             require_supported_strategy(strategy)
-
-
-def test_fsdp_cannot_run_on_cpu_here() -> None:
-    # Why the FSDP cell stays refused on a CPU machine: Lightning 2.6 refuses FSDP without a GPU (and torch's
-    # FullyShardedDataParallel itself raises "FSDP needs a non-CPU accelerator device").
-    with pytest.raises(ValueError, match="strategy `fsdp` requires a GPU accelerator"):
-        pl.Trainer(accelerator="cpu", strategy="fsdp", devices=2, logger=False)
 
 
 def test_unverified_precision_plugin_fails_with_the_alternative() -> None:

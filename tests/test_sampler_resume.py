@@ -14,8 +14,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from distributed_exit import ReleaseProcessGroup
-from lightning_cases import CLASSES, FEATURES, QUIET_TRAINER, make_net
+from cases import CLASSES, FEATURES, make_net
+from fits import QUIET_TRAINER, ReleaseProcessGroup
 from reference import MicroBatch, flat_parameters, item_losses, relative_distance, train_reference
 from torch import Tensor, nn
 from torch.utils.data import DataLoader

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_hydra_app import QUIET, TRAIN, final_parameters, read_rows, run, run_dirs, update_distance
+from app_runs import QUIET, TRAIN, final_parameters, read_rows, run, run_dirs, update_distance
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

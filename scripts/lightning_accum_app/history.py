@@ -28,8 +28,9 @@ class ItemsSeenHistory(Callback):
     Example::
 
         >>> history = ItemsSeenHistory("history.csv")
+        >>> history.load_state_dict({"rows": [[1, 8.0, 2.3]], "items_seen": 8.0, "last_step": 1})  # from a checkpoint
         >>> history.rows
-        []
+        [(1, 8.0, 2.3)]
     """
 
     def __init__(self, path: str | Path, loss_name: str = "train/loss", items_name: str = "train/items") -> None:

@@ -27,18 +27,18 @@ PARAMETERS_FILE = "parameters.pt"
 
 
 def flat_parameters(module: torch.nn.Module) -> Tensor:
-    """All parameters of ``module`` as one detached float64 vector on the CPU."""
+    """All parameters of ``module`` as one detached float64 vector on the CPU.
+
+    Example::
+
+        >>> flat_parameters(torch.nn.Linear(2, 1)).shape  # 2 weights and a bias
+        torch.Size([3])
+    """
     return torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in module.parameters()])
 
 
 class ParameterSnapshot(Callback):
-    """Rank 0 writes ``{"initial": ..., "final": ...}`` flat parameter vectors to ``path`` at the end of fit.
-
-    Example::
-
-        >>> ParameterSnapshot("run/parameters.pt").path.name
-        'parameters.pt'
-    """
+    """Rank 0 writes ``{"initial": ..., "final": ...}`` flat parameter vectors to ``path`` at the end of fit."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

@@ -1,0 +1,217 @@
+"""The test cases: micro-batches per rank, how they are accumulated, and their plain-PyTorch reference.
+
+Nothing here runs Lightning (``fits.py`` does) or imports lightning_accum: the expected numbers come from
+``reference.py``, computed independently of the code under test.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+from reference import (
+    MicroBatch,
+    ReferenceRun,
+    flat_parameters,
+    merge_ranks,
+    relative_distance,
+    split_into_windows,
+    train_reference,
+)
+from torch import nn
+
+FEATURES, HIDDEN, CLASSES = 5, 8, 3
+
+
+EXACT_TOLERANCE = 1e-5  # relative to the whole update, float32
+
+
+NAIVE_MINIMUM = 0.1  # the naive run must be visibly wrong, so the comparison can fail
+
+
+# Unit roundoff (half the machine epsilon) of each format.
+UNIT_ROUNDOFF = {
+    "32-true": 2.0**-24,
+    "16-mixed": 2.0**-11,
+    "bf16-mixed": 2.0**-8,
+    "16-true": 2.0**-11,
+    "bf16-true": 2.0**-8,
+}
+
+
+def make_net(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(FEATURES, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, CLASSES))
+
+
+def make_micro_batch(size: int, seed: int, tokens: int | None = None, keep: float | None = None) -> MicroBatch:
+    """``size`` samples (of ``tokens`` tokens each if given); ``keep`` is the probability an item counts."""
+    gen = torch.Generator().manual_seed(seed)
+    shape = (size,) if tokens is None else (size, tokens)
+    x = torch.randn(*shape, FEATURES, generator=gen)
+    y = torch.randint(0, CLASSES, shape, generator=gen)
+    mask = None if keep is None else torch.rand(shape, generator=gen) < keep
+    return x, y, mask
+
+
+def make_optimizer(name: str, lr: float):
+    def build(module: nn.Module) -> torch.optim.Optimizer:
+        if name == "sgd":
+            return torch.optim.SGD(module.parameters(), lr=lr, momentum=0.9)
+        if name == "adamw":
+            return torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=0.1)
+        raise ValueError(name)
+
+    return build
+
+
+@dataclass
+class Case:
+    """Micro-batches per rank (the same every epoch) and how they are accumulated."""
+
+    plan: list[list[MicroBatch]]
+    accumulation: int | dict[int, int] = 1
+    epochs: int = 2
+    optimizer: str = "sgd"
+    lr: float = 0.3
+    clip_norm: float | None = None
+    clip_value: float | None = None
+
+    def k_at(self, epoch: int) -> int:
+        if isinstance(self.accumulation, int):
+            return self.accumulation
+        return self.accumulation[max(e for e in self.accumulation if e <= epoch)]
+
+    def reference_windows(self) -> list[list[MicroBatch]]:
+        windows = []
+        for epoch in range(self.epochs):
+            k = self.k_at(epoch)
+            windows += merge_ranks([split_into_windows(rank_plan, k) for rank_plan in self.plan])
+        return windows
+
+
+def count_case_items(batch) -> torch.Tensor:
+    """The count rule of the test micro-batches ``(x, y, mask)``: the mask's ``True`` items, or all items."""
+    _, y, mask = batch
+    return torch.tensor(y.numel()) if mask is None else mask.bool().sum()
+
+
+def varied_sizes_plan(tokens: int | None = None, keep: float | None = None) -> list[list]:
+    sizes = [7, 1, 4, 2, 6, 1, 3]
+    return [[make_micro_batch(n, seed=i, tokens=tokens, keep=keep) for i, n in enumerate(sizes)]]
+
+
+def varied_case(epochs: int = 2) -> Case:
+    plan = [[make_micro_batch(n, seed=i, tokens=3, keep=0.6) for i, n in enumerate([7, 1, 4, 2, 6, 1, 3])]]
+    return Case(plan=plan, accumulation=3, epochs=epochs)
+
+
+def last_batch_smaller_case(k: int) -> Case:
+    """10 samples in batches of 3: micro-batches of 3, 3, 3, 1 every epoch."""
+    x, y, _ = make_micro_batch(10, seed=1)
+    plan = [[(x[i : i + 3], y[i : i + 3], None) for i in range(0, 10, 3)]]
+    return Case(plan=plan, accumulation=k, epochs=4)
+
+
+def uneven_ranks_case() -> Case:
+    """Two ranks, K=2: micro-batch sizes differ between ranks and so do the per-rank window totals."""
+    sizes = [[6, 1, 3, 5, 2, 7], [1, 4, 8, 1, 2, 1]]
+    plan = [[make_micro_batch(n, seed=10 * r + i) for i, n in enumerate(s)] for r, s in enumerate(sizes)]
+    return Case(plan=plan, accumulation=2, epochs=3)
+
+
+def masked_ranks_case() -> Case:
+    """Two ranks, per-token masks, K=3, AdamW, clipping; three windows per epoch.
+
+    Window 1: rank 1's share is empty. Window 2: both ranks count tokens. Window 3: empty on both
+    ranks, so no update at all.
+    """
+    keep0 = [0.6] * 6 + [0.0] * 3
+    keep1 = [0.0] * 3 + [0.3] * 3 + [0.0] * 3
+    sizes0, sizes1 = [3, 1, 4, 2, 5, 2, 1, 2, 3], [2, 2, 1, 3, 1, 4, 2, 1, 1]
+    rank0 = [
+        make_micro_batch(n, seed=100 + i, tokens=4, keep=p) for i, (n, p) in enumerate(zip(sizes0, keep0, strict=True))
+    ]
+    rank1 = [
+        make_micro_batch(n, seed=200 + i, tokens=4, keep=p) for i, (n, p) in enumerate(zip(sizes1, keep1, strict=True))
+    ]
+    return Case(plan=[rank0, rank1], accumulation=3, epochs=3, optimizer="adamw", lr=0.05, clip_norm=0.5)
+
+
+def masked_tokens_case(epochs: int = 3) -> Case:
+    """One rank, per-token masks (one micro-batch counts nothing), K=3, clipping; three windows per epoch."""
+    sizes = [7, 1, 4, 2, 6, 1, 3]
+    plan = [make_micro_batch(n, seed=i, tokens=5, keep=0.5) for i, n in enumerate(sizes)]
+    x, y, mask = plan[1]
+    plan[1] = (x, y, torch.zeros_like(mask))
+    return Case(plan=[plan], accumulation=3, epochs=epochs, clip_norm=0.5)
+
+
+def empty_windows_case() -> Case:
+    """Six micro-batches, K=2, AdamW: window 2 of each epoch counts no item (6 windows, 4 steps)."""
+    sizes, keeps = [3, 2, 4, 1, 5, 2], [0.6, 0.6, 0.0, 0.0, 0.6, 0.6]
+    plan = [make_micro_batch(n, seed=i, tokens=3, keep=p) for i, (n, p) in enumerate(zip(sizes, keeps, strict=True))]
+    return Case(plan=[plan], accumulation=2, epochs=2, optimizer="adamw", lr=0.05)
+
+
+def reference_run(case: Case) -> ReferenceRun:
+    return train_reference(
+        make_net(), case.reference_windows(), make_optimizer(case.optimizer, case.lr), case.clip_norm, case.clip_value
+    )
+
+
+def reference_distance(case: Case, net: nn.Module, skip_windows: tuple[int, ...] = ()) -> float:
+    """Relative distance of ``net`` to the float32 reference; windows in ``skip_windows`` make no step."""
+    windows = case.reference_windows()
+    windows = [[] if i in skip_windows else w for i, w in enumerate(windows)]
+    reference = train_reference(
+        make_net(), windows, make_optimizer(case.optimizer, case.lr), case.clip_norm, case.clip_value
+    ).parameters
+    return relative_distance(flat_parameters(net).float(), reference, flat_parameters(make_net()))
+
+
+def tolerance(precision: str, case: Case) -> float:
+    """Allowed relative distance to the float32 reference: a rounding budget from the unit roundoff ``u``.
+
+    A budget, not a proven bound (rounding also grows with reduction lengths and compounds through the
+    optimizer's state); measured errors sit 3.5 to 5 times inside it. Mixed precision keeps float32
+    parameters and optimizer state; only the products of the forward and backward take operands rounded to
+    the format (two operands, forward and backward): a relative ``4u`` per step's gradient, and so per update. True half
+    precision also stores the parameters in the format: the initial values and each of the ``S`` updates
+    are rounded by ``u |theta|``; as independent roundings they add up like a random walk, so the extra
+    relative error is ``2 sqrt(S + 1) u |theta| / |theta - theta_0|`` (factor 2 as margin). float32: 1e-5.
+    """
+    if precision in ("32-true", "64-true"):  # the float32 reference's own rounding bounds the distance
+        return 1e-5
+    u = UNIT_ROUNDOFF[precision]
+    if precision.endswith("mixed"):
+        return 4 * u
+    windows = case.reference_windows()
+    reference = train_reference(
+        make_net(), windows, make_optimizer(case.optimizer, case.lr), case.clip_norm, case.clip_value
+    ).parameters
+    ratio = float(reference.norm() / (reference - flat_parameters(make_net())).norm())
+    return 4 * u + 2 * (len(windows) + 1) ** 0.5 * u * ratio
+
+
+def epoch_means(run: ReferenceRun, windows_per_epoch: int) -> list[float]:
+    means = []
+    for start in range(0, len(run.step_items), windows_per_epoch):
+        items = run.step_items[start : start + windows_per_epoch]
+        losses = run.step_losses[start : start + windows_per_epoch]
+        means.append(sum(loss * n for loss, n in zip(losses, items, strict=True) if n) / sum(items))
+    return means
+
+
+def assert_logs_match(rows: list[dict[str, str]], run: ReferenceRun, windows_per_epoch: int) -> None:
+    step_rows = [r for r in rows if r["train/items"]]
+    assert [int(float(r["train/items"])) for r in step_rows] == run.step_items
+    for row, expected in zip(step_rows, run.step_losses, strict=True):
+        if math.isnan(expected):
+            assert math.isnan(float(row["train/loss"]))  # an empty window's mean is undefined
+        else:
+            assert float(row["train/loss"]) == pytest.approx(expected, rel=1e-6)
+    epoch_rows = [float(r["train/loss_epoch"]) for r in rows if r["train/loss_epoch"]]
+    assert epoch_rows == pytest.approx(epoch_means(run, windows_per_epoch), rel=1e-6)

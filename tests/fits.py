@@ -1,0 +1,216 @@
+"""Lightning fits of the test cases: module-level LightningModules (picklable for ddp_spawn) and Trainers.
+
+``fit`` and ``fit_case`` run a ``cases.Case`` with Lightning; ``ReleaseProcessGroup`` ends every distributed fit
+cleanly: Lightning leaves the process group alive, and a gloo group still alive while the interpreter shuts
+down can abort the process ("terminate called without an active exception") after the fit finished.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from cases import Case, count_case_items, make_net, make_optimizer
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins import MixedPrecision
+from reference import MicroBatch, item_losses
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_accum import SampleCountMixin, SampleCountRescaler
+
+# Trainer arguments of every test fit: no logger, checkpoints, progress bar or model summary.
+QUIET_TRAINER = {
+    "logger": False,
+    "enable_checkpointing": False,
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+
+
+class ReleaseProcessGroup(pl.Callback):
+    """Destroy the default process group in ``teardown`` (after the fit; nothing collective follows it)."""
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+class PlannedModule(pl.LightningModule):
+    """Trains ``net`` on the micro-batches of ``case.plan[global_rank]``, in order."""
+
+    def __init__(self, net: nn.Module, case: Case) -> None:
+        super().__init__()
+        self.net = net
+        self.case = case
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.case.plan[self.trainer.global_rank], batch_size=None)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return make_optimizer(self.case.optimizer, self.case.lr)(self)
+
+
+class ExactModule(SampleCountMixin, PlannedModule):
+    def training_step(self, batch: MicroBatch, batch_idx: int) -> torch.Tensor:
+        losses, _ = item_losses(self.net, batch)
+        return self.sample_loss(losses, mask=batch[2])
+
+
+class NaiveModule(PlannedModule):
+    """What users write today: the micro-batch's own item mean."""
+
+    def training_step(self, batch: MicroBatch, batch_idx: int) -> torch.Tensor:
+        losses, mask = item_losses(self.net, batch)
+        return (losses * mask).sum() / mask.sum().clamp_min(1)
+
+
+class CountingModule(ExactModule):
+    """``ExactModule`` that also states its count rule, for ``SampleCountRescaler(mode="lookahead")``."""
+
+    def count_items(self, batch) -> torch.Tensor:
+        return count_case_items(batch)
+
+
+class ManualModule(CountingModule):
+    """Manual optimization: ``sample_backward`` per micro-batch, a step after every ``case.k_at(epoch)``
+    micro-batches and at the epoch's last one; clipping (if any) after the rescale, in ``on_before_optimizer_step``.
+    """
+
+    def __init__(self, net: nn.Module, case: Case) -> None:
+        super().__init__(net, case)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        losses, _ = item_losses(self.net, batch)
+        self.sample_backward(losses, mask=batch[2])
+        if (batch_idx + 1) % self.case.k_at(self.current_epoch) == 0 or self.trainer.is_last_batch:
+            optimizer = self.optimizers()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.case.clip_norm is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.case.clip_norm, gradient_clip_algorithm="norm")
+
+
+def planned_trainer(
+    case: Case,
+    callbacks: list[pl.Callback],
+    strategy: str,
+    devices: int,
+    logger: pl.loggers.Logger | bool,
+    **trainer_kwargs,
+) -> pl.Trainer:
+    """A quiet CPU Trainer for ``case``: our own per-rank plan, so no injected sampler; a log row per step."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_epochs=case.epochs,
+        callbacks=[*callbacks, ReleaseProcessGroup()],
+        log_every_n_steps=1,
+        use_distributed_sampler=False,
+        **(QUIET_TRAINER | {"logger": logger}),
+        **trainer_kwargs,
+    )
+
+
+def fit_case(
+    case: Case,
+    exact: bool,
+    strategy: str = "auto",
+    devices: int = 1,
+    logger: pl.loggers.Logger | bool = False,
+    seed: int = 0,
+) -> nn.Module:
+    """Fit a fresh ``make_net(seed)`` on ``case`` with Lightning; return the trained net."""
+    module = (ExactModule if exact else NaiveModule)(make_net(seed), case)
+    callbacks: list[pl.Callback] = [SampleCountRescaler()] if exact else []
+    accumulate = 1
+    if isinstance(case.accumulation, int):
+        accumulate = case.accumulation
+    else:
+        callbacks.append(GradientAccumulationScheduler(scheduling=case.accumulation))
+    trainer = planned_trainer(
+        case,
+        callbacks,
+        strategy,
+        devices,
+        logger,
+        accumulate_grad_batches=accumulate,
+        gradient_clip_val=case.clip_norm if case.clip_norm is not None else case.clip_value,
+        gradient_clip_algorithm="value" if case.clip_value is not None else "norm",
+    )
+    trainer.fit(module)
+    return module.net
+
+
+def fp16_scaler_plugin(init_scale: float = 2.0**10, backoff_factor: float = 0.5, growth_interval: int = 2000):
+    """Real fp16 autocast with a GradScaler on CPU (``precision="16-mixed"`` alone falls back to bf16 there)."""
+    scaler = torch.amp.GradScaler(
+        "cpu", init_scale=init_scale, backoff_factor=backoff_factor, growth_interval=growth_interval
+    )
+    return MixedPrecision("16-mixed", "cpu", scaler=scaler)
+
+
+def precision_kwargs(precision: str) -> dict[str, Any]:
+    """Trainer arguments for ``precision``; ``"16-mixed"`` means fp16 autocast with dynamic loss scaling."""
+    if precision == "16-mixed":
+        return {"plugins": [fp16_scaler_plugin()]}
+    return {"precision": precision}
+
+
+def fit(
+    case: Case,
+    module: pl.LightningModule,
+    callbacks: list[pl.Callback],
+    strategy: str = "auto",
+    devices: int = 1,
+    logger: pl.loggers.Logger | bool = False,
+    ckpt_path: str | Path | None = None,
+    **trainer_kwargs: Any,
+) -> pl.Trainer:
+    callbacks = list(callbacks)
+    accumulate = 1
+    if isinstance(case.accumulation, int):
+        accumulate = case.accumulation
+    else:
+        callbacks.append(GradientAccumulationScheduler(scheduling=case.accumulation))
+    if getattr(module, "automatic_optimization", True):
+        trainer_kwargs.setdefault("accumulate_grad_batches", accumulate)
+        trainer_kwargs.setdefault(
+            "gradient_clip_val", case.clip_norm if case.clip_norm is not None else case.clip_value
+        )
+        trainer_kwargs.setdefault("gradient_clip_algorithm", "value" if case.clip_value is not None else "norm")
+    trainer = planned_trainer(case, callbacks, strategy, devices, logger, **trainer_kwargs)
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return trainer
+
+
+def fit_net(
+    case: Case, kind: str, precision: str = "32-true", mode: str = "deferred", strategy: str = "auto", devices: int = 1
+) -> nn.Module:
+    """Fit ``make_net()`` on ``case``; ``kind`` is "exact" (with the rescaler in ``mode``) or "naive"."""
+    if kind == "naive":
+        module, callbacks = NaiveModule(make_net(), case), []
+    else:
+        module, callbacks = CountingModule(make_net(), case), [SampleCountRescaler(mode=mode)]
+    fit(case, module, callbacks, strategy=strategy, devices=devices, **precision_kwargs(precision))
+    return module.net
+
+
+def fit_manual_net(case: Case, precision: str = "32-true", strategy: str = "auto", devices: int = 1) -> nn.Module:
+    module = ManualModule(make_net(), case)
+    fixed = Case(plan=case.plan, accumulation=1, epochs=case.epochs)  # the module steps on its own schedule
+    fit(fixed, module, [SampleCountRescaler()], strategy=strategy, devices=devices, **precision_kwargs(precision))
+    return module.net
+
+
+def read_metrics(logger: CSVLogger) -> list[dict[str, str]]:
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
