@@ -64,23 +64,13 @@ class SampleCountRescaler(Callback):
 
     Example::
 
-        >>> import torch, torch.nn.functional as F
         >>> import lightning.pytorch as pl
-        >>> from lightning_accum import SampleCountMixin
-        >>> class Model(SampleCountMixin, pl.LightningModule):
-        ...     def __init__(self):
-        ...         super().__init__()
-        ...         self.net = torch.nn.Linear(3, 1)
-        ...     def training_step(self, batch, batch_idx):
-        ...         x, y = batch
-        ...         return self.sample_loss(F.mse_loss(self.net(x), y, reduction="none"))
-        ...     def configure_optimizers(self):
-        ...         return torch.optim.SGD(self.parameters(), lr=0.1)
-        >>> data = torch.utils.data.TensorDataset(torch.randn(10, 3), torch.randn(10, 1))
+        >>> from lightning_accum.demos import MLPModel, RegressionDataModule
+        >>> data = RegressionDataModule(num_samples=10, num_val_samples=3, num_features=4, micro_batch_size=3)
         >>> trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[SampleCountRescaler()],
         ...                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        ...                      enable_model_summary=False)
-        >>> trainer.fit(Model(), torch.utils.data.DataLoader(data, batch_size=3))
+        ...                      enable_model_summary=False, limit_val_batches=0)
+        >>> trainer.fit(MLPModel(**data.model_kwargs()), datamodule=data)
         >>> trainer.callback_metrics["train/items"]  # the last window: micro-batches of 3 and 1 samples
         tensor(4.)
     """
