@@ -20,6 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from reference import relative_distance
 
+from lightning_accum_app.launch import STAMP_FORMAT
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "scripts" / "train.py")
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -238,6 +240,7 @@ def test_torchrun_two_nodes_equal_one_process_of_the_same_effective_batch(tmp_pa
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (tmp_path / "node1.err").read_text()  # Lightning: rank 1 of 2 on node 1
     (one,) = run_dirs(tmp_path / "one")
     (two,) = (tmp_path / "two" / "digits_global" / "runs").iterdir()  # one folder: both nodes share the run stamp
+    assert time.strptime(two.name, STAMP_FORMAT)  # rank 0's time, shared through torchrun's store
     assert OmegaConf.load(two / ".hydra" / "config.yaml").trainer.num_nodes == 2
     assert measured(update_distance(two, one)) < 1e-5
     ref_history, dist_history = read_rows(one / "history.csv"), read_rows(two / "history.csv")
