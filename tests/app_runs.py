@@ -1,10 +1,15 @@
-"""Run the Hydra app (``scripts/train.py``) in a subprocess and read what its runs wrote."""
+"""Run the Hydra app (``scripts/train.py``) in subprocesses, torchrun nodes included, and read what its runs wrote."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import signal
+import socket
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -14,21 +19,97 @@ from omegaconf import DictConfig, OmegaConf
 from reference import relative_distance
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
 TRAIN = str(ROOT / "scripts" / "train.py")
-
-
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
-def run(args: list[str], cwd: Path, timeout: float = 240) -> str:
+def clean_env() -> dict[str, str]:
+    """This process's environment without the variables of a launcher that may have started pytest."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def run(args: list[str], cwd: Path, timeout: float = 240) -> str:
+    proc = subprocess.run(args, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def descendants(pid: int) -> list[int]:
+    """The ids of every live process below ``pid`` (from /proc): torchrun starts its workers in new sessions."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def stop(procs: list[subprocess.Popen], grace_s: float = 30.0) -> None:
+    """Stop the launchers in ``procs`` that still run: SIGTERM (torchrun then stops its workers), SIGKILL after
+    ``grace_s`` to each launcher and every process below it."""
+    running = [p for p in procs if p.poll() is None]
+    below = {p.pid: descendants(p.pid) for p in running}
+    for p in running:
+        p.terminate()
+    deadline = time.monotonic() + grace_s
+    for p in running:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        for pid in below[p.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def tail(path: Path, chars: int) -> str:
+    return path.read_text()[-chars:]
+
+
+def run_torchrun_nodes(args: list[str], nodes: int, cwd: Path, timeout: float = 480) -> list[str]:
+    """Run ``args`` as ``nodes`` nodes x 1 process: one ``torchrun --node_rank=i`` per node on localhost, as each
+    machine of a cluster runs it. Returns each node's stdout; fails when one fails or the time is up, and stops
+    every torchrun (and its worker) that still runs, also then."""
+    launch = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nodes}", "--nproc_per_node=1"]
+    launch += ["--master_addr=127.0.0.1", f"--master_port={free_port()}"]
+    logs = [(cwd / f"node{i}.out", cwd / f"node{i}.err") for i in range(nodes)]
+    procs: list[subprocess.Popen] = []
+    try:
+        for i, (out, err) in enumerate(logs):
+            with out.open("w") as stdout, err.open("w") as stderr:
+                cmd = [*launch, f"--node_rank={i}", *args]
+                procs.append(subprocess.Popen(cmd, cwd=cwd, env=clean_env(), stdout=stdout, stderr=stderr))
+        deadline = time.monotonic() + timeout
+        while any(p.poll() is None for p in procs) and all(p.poll() in (None, 0) for p in procs):
+            assert time.monotonic() < deadline, f"{nodes} torchrun nodes still ran after {timeout} s"
+            time.sleep(0.5)
+        failed = {i: p.returncode for i, p in enumerate(procs) if p.returncode != 0}  # None: ran on meanwhile
+        report = [
+            f"node {i}, exit code {code}:\n{tail(logs[i][0], 2000)}\n{tail(logs[i][1], 4000)}"
+            for i, code in failed.items()
+        ]
+        assert not failed, "\n".join(report)
+    finally:
+        stop(procs)
+    return [out.read_text() for out, _ in logs]
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from app_runs import QUIET, TRAIN, read_rows, run, run_dirs, update_distance
+from app_runs import QUIET, TRAIN, read_rows, run, run_dirs, run_torchrun_nodes, update_distance
+from omegaconf import OmegaConf
+
+from lightning_accum_app.launch import STAMP_FORMAT
 
 
 @pytest.mark.slow
@@ -79,6 +83,29 @@ def test_torchrun_two_processes_equal_one_process_of_the_same_effective_batch(tm
     assert measured(update_distance(two, one)) < 1e-5
     ref_history, dist_history = read_rows(one / "history.csv"), read_rows(two / "history.csv")
     assert len(ref_history) == len(dist_history) == 2 * 24  # ceil(1500 / 64) steps per epoch
+    for a, b in zip(ref_history, dist_history, strict=True):
+        assert a["items_seen"] == b["items_seen"]
+        assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5)
+    assert float(ref_history[-1]["loss"]) < 0.5 * float(ref_history[0]["loss"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_equal_one_process_of_the_same_effective_batch(tmp_path, measured):
+    # 2 nodes x 1 process, each node its own torchrun on localhost (gloo), against 1 process with the same
+    # global windows of 64 digits: 2 ranks x K=2 x 16 and 1 x K=4 x 16, SGD with momentum, one epoch.
+    common = ["experiment=digits_global", "trainer.max_epochs=1", *QUIET]
+    run([sys.executable, TRAIN, *common, "accumulation.k=4", f"paths.log_dir={tmp_path / 'one'}"], cwd=tmp_path)
+    two_nodes = [TRAIN, "trainer=torchrun", "trainer.num_nodes=2", *common, "accumulation.k=2"]
+    outs = run_torchrun_nodes([*two_nodes, f"paths.log_dir={tmp_path / 'two'}"], nodes=2, cwd=tmp_path)
+    assert [out.count("Final metrics:") for out in outs] == [1, 0]  # rank 0 runs on node 0
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (tmp_path / "node1.err").read_text()  # Lightning: rank 1 of 2 on node 1
+    (one,) = run_dirs(tmp_path / "one")
+    (two,) = (tmp_path / "two" / "digits_global" / "runs").iterdir()  # one folder: both nodes share the run stamp
+    assert time.strptime(two.name, STAMP_FORMAT)  # rank 0's time, shared through torchrun's store
+    assert OmegaConf.load(two / ".hydra" / "config.yaml").trainer.num_nodes == 2
+    assert measured(update_distance(two, one)) < 1e-5
+    ref_history, dist_history = read_rows(one / "history.csv"), read_rows(two / "history.csv")
+    assert len(ref_history) == len(dist_history) == 24  # ceil(1500 / 64) steps
     for a, b in zip(ref_history, dist_history, strict=True):
         assert a["items_seen"] == b["items_seen"]
         assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5)

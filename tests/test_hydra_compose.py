@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_accum import SampleCountRescaler
 from lightning_accum.demos import Accumulation, ExampleDataModule
-from lightning_accum_app.app import build
+from lightning_accum_app.app import build, check_num_nodes
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -101,11 +101,34 @@ def test_trainer_options_compose_with_an_overridable_precision(tmp_path, name):
         assert trainer.num_devices == expected_devices
 
 
-def test_torchrun_trainer_takes_its_size_from_torchrun_environment(tmp_path, monkeypatch):
+def test_torchrun_trainer_takes_its_devices_from_torchrun_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    monkeypatch.setenv("GROUP_WORLD_SIZE", "3")
     cfg = compose_train(tmp_path, "trainer=torchrun")
-    assert (cfg.trainer.devices, cfg.trainer.num_nodes, cfg.trainer.strategy) == (4, 3, "ddp")
+    assert (cfg.trainer.devices, cfg.trainer.strategy) == (4, "ddp")
+
+
+@pytest.mark.parametrize("name", ["slurm", "torchrun"])
+def test_num_nodes_is_one_key_that_the_trainer_and_the_slurm_launcher_read(tmp_path, monkeypatch, name):
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "5")  # torchrun's node count does not decide it: the key does
+    for overrides, nodes in (([], 1), (["trainer.num_nodes=3"], 3)):
+        cfg = compose_train(tmp_path, f"trainer={name}", "hydra/launcher=slurm", *overrides, hydra_config=True)
+        assert (cfg.trainer.num_nodes, instantiate(cfg.hydra.launcher).params["nodes"]) == (nodes, nodes)
+        assert build(cfg)[2].num_nodes == nodes
+
+
+@pytest.mark.parametrize(
+    ("env", "option"),
+    [
+        ({"TORCHELASTIC_RUN_ID": "none", "GROUP_WORLD_SIZE": "2"}, "torchrun --nnodes=2"),
+        ({"SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_JOB_NAME": "train"}, "Slurm --nodes=2"),
+    ],
+)
+def test_run_on_other_nodes_than_trainer_num_nodes_is_refused_naming_the_key(tmp_path, env, option):
+    trainer = compose_train(tmp_path, "trainer=slurm").trainer
+    with pytest.raises(ValueError, match=f"{option} started this run on 2 nodes, but trainer.num_nodes=1. Pass "):
+        check_num_nodes(trainer, env)
+    check_num_nodes(OmegaConf.merge(trainer, {"num_nodes": 2}), env)  # agrees: no error
+    check_num_nodes(trainer, {})  # no launcher: one process
 
 
 @pytest.mark.parametrize("name", options("callbacks"))

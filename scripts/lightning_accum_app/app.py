@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lightning_accum_app.launch import slurm_tasks
+from lightning_accum_app.launch import launched_nodes, slurm_tasks
 from lightning_accum_app.sweep import METRICS_FILE
 
 
@@ -79,9 +80,26 @@ def _check_launch(cfg: DictConfig) -> None:
         )
 
 
+def check_num_nodes(trainer: DictConfig, env: Mapping[str, str]) -> None:
+    """Refuse a ``trainer.num_nodes`` that differs from the nodes torchrun or Slurm started the run on.
+
+    ``trainer.num_nodes`` is the one key for the number of nodes: the trainer configs read it and
+    ``hydra/launcher=slurm`` derives its ``nodes`` from it; torchrun's ``--nnodes`` must agree with it.
+    """
+    launched = launched_nodes(env)
+    num_nodes = int(trainer.get("num_nodes", 1))
+    if launched is not None and launched[0] != num_nodes:
+        nodes, option = launched
+        raise ValueError(
+            f"{option} started this run on {nodes} nodes, but trainer.num_nodes={num_nodes}. "
+            f"Pass trainer.num_nodes={nodes}: it is the one key for the number of nodes."
+        )
+
+
 def run_training(cfg: DictConfig) -> dict[str, float]:
     """Seed, build, fit; on rank 0 write ``metrics.json`` to ``cfg.paths.output_dir``; return the final metrics."""
     _check_launch(cfg)
+    check_num_nodes(cfg.trainer, os.environ)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))

@@ -33,6 +33,29 @@ def slurm_tasks(env: Mapping[str, str]) -> int | None:
     return int(env["SLURM_NTASKS"])
 
 
+def launched_nodes(env: Mapping[str, str]) -> tuple[int, str] | None:
+    """How many nodes torchrun or Slurm started this run on, and the launcher's option that says so.
+
+    ``None`` when no launcher that spans nodes started this process (one process, or Lightning's own ddp children).
+
+    Example::
+
+        >>> launched_nodes({"TORCHELASTIC_RUN_ID": "none", "GROUP_WORLD_SIZE": "2"})
+        (2, 'torchrun --nnodes=2')
+        >>> launched_nodes({"SLURM_NTASKS": "4", "SLURM_NNODES": "2", "SLURM_JOB_NAME": "train"})
+        (2, 'Slurm --nodes=2')
+        >>> launched_nodes({}) is None
+        True
+    """
+    if "TORCHELASTIC_RUN_ID" in env and "GROUP_WORLD_SIZE" in env:
+        nodes = int(env["GROUP_WORLD_SIZE"])
+        return nodes, f"torchrun --nnodes={nodes}"
+    if slurm_tasks(env) is not None and "SLURM_NNODES" in env:
+        nodes = int(env["SLURM_NNODES"])
+        return nodes, f"Slurm --nodes={nodes}"
+    return None
+
+
 def process_rank(env: Mapping[str, str]) -> int:
     """The global rank of this process: ``RANK`` (torchrun), else ``SLURM_PROCID`` (a Slurm task that Lightning
     takes as a rank), else ``LOCAL_RANK`` (Lightning's ddp children).
