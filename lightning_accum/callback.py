@@ -11,19 +11,24 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.autograd.graph import Node
+from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.hooks import RemovableHandle
 
 from lightning_accum.counting import count_dtype, masked_sum_and_count
 from lightning_accum.engines import DeferredEngine, LookaheadEngine, RunState, WeightingEngine, WindowTotals
 from lightning_accum.graph import backpropagates_only
 from lightning_accum.lightning_internals import (
+    batch_token,
     require_lookahead_support,
-    require_window_end_support,
+    require_loop_support,
+    resumed_mid_epoch,
     upcoming_batches,
     window_ends_epoch,
 )
 from lightning_accum.lookahead import as_count
 from lightning_accum.metrics import ItemMeanLoss
 from lightning_accum.mixin import SampleCountMixin
+from lightning_accum.resume import gather_partial_window, restore_partial_window
 from lightning_accum.support import require_supported_precision, require_supported_strategy
 
 MODES = ("deferred", "lookahead")
@@ -105,6 +110,12 @@ class SampleCountRescaler(Callback):
         # all-reduce, so the metric does not sync again (and rank 0's state in a checkpoint is the global one).
         self._epoch_loss = ItemMeanLoss(sync_on_compute=False)
         self._recorded: list[Node | object] = []  # grad_fn of each sample_loss output since the last backward
+        self._batch_token: int | None = None  # the fit loop's batch for which this callback's hooks ran
+        self._params: list[torch.nn.Parameter] = []  # the optimizer's parameters, in order
+        self._trainer: pl.Trainer | None = None
+        self._step_hook: RemovableHandle | None = None
+        self._window_finished = False  # on_before_optimizer_step ran for the optimizer step being taken
+        self._restored_window: dict[str, Any] | None = None  # a mid-window checkpoint's window, until train start
 
     @property
     def state_key(self) -> str:
@@ -138,14 +149,26 @@ class SampleCountRescaler(Callback):
             )
         require_supported_strategy(trainer.strategy)
         require_supported_precision(trainer.precision_plugin)
-        require_window_end_support()
+        require_loop_support()
         if self.mode == "lookahead":
             require_lookahead_support(trainer)
         pl_module._sample_count_rescaler = self  # what sample_loss reaches, without scanning the callbacks
+        self._batch_token = None
+        self._restored_window = None
+        # First in the list, so that every other callback's on_before_optimizer_step (clipping, gradient-norm
+        # logging) sees the exact gradient, whatever order the user gave; the module's own hook runs after all.
+        trainer.callbacks.remove(self)
+        trainer.callbacks.insert(0, self)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and getattr(pl_module, "_sample_count_rescaler", None) is self:
+        if stage != "fit":
+            return
+        if getattr(pl_module, "_sample_count_rescaler", None) is self:
             pl_module._sample_count_rescaler = None
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
+        self._trainer = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if len(trainer.optimizers) != 1:
@@ -154,6 +177,65 @@ class SampleCountRescaler(Callback):
                 f"{len(trainer.optimizers)}: one window of items cannot serve several optimizer steps."
             )
         self._epoch_loss = self._epoch_loss.set_dtype(count_dtype(pl_module.device)).to(pl_module.device)
+        optimizer = trainer.optimizers[0]
+        self._trainer = trainer
+        self._params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._step_hook = optimizer.register_step_post_hook(self._require_window_finished)
+        self._warn_about_repeated_samples(trainer)
+        if resumed_mid_epoch(trainer):
+            self._warn_unless_loaders_resume(trainer)
+        if self._restored_window is not None:
+            window, self._restored_window = self._restored_window, None
+            restore_partial_window(window, trainer, self._engine, self._params)
+
+    def _require_window_finished(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Optimizer step post-hook: stop at a step whose window this callback did not finish (a raw optimizer).
+
+        A post-hook, because in 32-bit Lightning runs the closure (and so on_before_optimizer_step) inside
+        ``optimizer.step``, after its pre-hooks.
+        """
+        finished, self._window_finished = self._window_finished, False
+        if finished or not self._hooks_active():
+            return
+        raise RuntimeError(
+            "The optimizer stepped without Lightning's on_before_optimizer_step, so SampleCountRescaler could not "
+            "make its gradient the item mean (a raw optimizer, e.g. `self.optimizers(use_pl_optimizer=False)`). "
+            "Step the LightningOptimizer that `self.optimizers()` returns."
+        )
+
+    def _hooks_active(self) -> bool:
+        """False while Lightning's Tuner runs the fit loop with its own callbacks in place of this one."""
+        return self._trainer is not None and self._batch_token == batch_token(self._trainer)
+
+    def _warn_about_repeated_samples(self, trainer: pl.Trainer) -> None:
+        loader = trainer.train_dataloader
+        sampler = getattr(loader, "sampler", None) if isinstance(loader, DataLoader) else None
+        if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+            return
+        size = len(sampler.dataset)  # type: ignore[arg-type]
+        repeated = sampler.total_size - size
+        if repeated > 0:
+            rank_zero_warn(
+                f"The DistributedSampler repeats {repeated} of the {size} training samples every epoch, to give "
+                f"{sampler.num_replicas} ranks equal shares, and SampleCountRescaler counts each repeat as an item. "
+                "For an epoch of every sample once, use GlobalBatchLoader(dataset, GlobalBatchSampler(...)) with "
+                "Trainer(use_distributed_sampler=False), or a dataset size that is a multiple of "
+                f"{sampler.num_replicas}.",
+                category=UserWarning,
+            )
+
+    def _warn_unless_loaders_resume(self, trainer: pl.Trainer) -> None:
+        loader = trainer.train_dataloader
+        loaders = loader if isinstance(loader, list | tuple) else [loader]
+        if all(hasattr(item, "state_dict") and hasattr(item, "load_state_dict") for item in loaders):
+            return
+        rank_zero_warn(
+            "This fit resumes inside an epoch, but its train DataLoader cannot resume there: Lightning starts the "
+            "epoch's data over while it counts on from the saved batch, so samples are trained twice and others "
+            "not at all. Use GlobalBatchLoader(dataset, GlobalBatchSampler(...)), which Lightning resumes at the "
+            "next unseen micro-batch, or resume from a checkpoint at an epoch's end.",
+            category=UserWarning,
+        )
 
     def _run_state(self, pl_module: pl.LightningModule) -> RunState:
         trainer = pl_module.trainer
@@ -171,6 +253,10 @@ class SampleCountRescaler(Callback):
     def micro_batch_loss(self, pl_module: pl.LightningModule, losses: Tensor, mask: Tensor | None) -> Tensor:
         """The loss to backpropagate for one micro-batch's per-item ``losses`` (what ``sample_loss`` returns)."""
         loss_sum, items = masked_sum_and_count(losses, mask)
+        if not self._hooks_active():
+            # Lightning's Tuner (lr_find, scale_batch_size) runs the loop without this callback: it gets the plain
+            # item mean of the micro-batch, as from a module without the rescaler.
+            return loss_sum / items.clamp_min(1).to(loss_sum.dtype)
         loss = self._engine.micro_batch_loss(loss_sum, items, self._run_state(pl_module))
         # An output without a graph (detached, no_grad) is a marker that no backward reaches.
         self._recorded.append(loss.grad_fn if loss.grad_fn is not None else object())
@@ -180,6 +266,7 @@ class SampleCountRescaler(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._recorded = []
+        self._batch_token = batch_token(trainer)
         if not pl_module.automatic_optimization:
             return
         k = trainer.accumulate_grad_batches
@@ -233,6 +320,7 @@ class SampleCountRescaler(Callback):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         ends_epoch = pl_module.automatic_optimization and window_ends_epoch(trainer)
         totals = self._engine.finish_window(params, self._run_state(pl_module), ends_epoch)
+        self._window_finished = True
         if totals.empty:
             rank_zero_warn(
                 f"Optimizer step at global_step={trainer.global_step} saw no counted items on any rank "
@@ -261,10 +349,19 @@ class SampleCountRescaler(Callback):
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
+        """The engine's constants, the epoch's loss totals and, for a checkpoint inside a window, the window.
+
+        Lightning keeps no accumulated gradients in its checkpoints. When a checkpoint lands inside a window
+        (default mode), every rank's window totals and partial gradients are gathered into it, so a resumed
+        fit continues the window exactly; at step boundaries nothing is added.
+        """
         return {
             **self._engine.state_dict(),
             "epoch_loss_sum": float(self._epoch_loss.loss_sum),
             "epoch_items": float(self._epoch_loss.items),
+            "window": None
+            if self._trainer is None
+            else gather_partial_window(self._trainer, self._engine, self._params),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -273,3 +370,4 @@ class SampleCountRescaler(Callback):
         if state_dict["epoch_items"] > 0:
             self._epoch_loss.loss_sum.fill_(state_dict["epoch_loss_sum"])
             self._epoch_loss.items.fill_(state_dict["epoch_items"])
+        self._restored_window = state_dict.get("window")

@@ -62,6 +62,7 @@ class WeightingEngine(ABC):
     """The interface of both modes: ``micro_batch_loss`` per micro-batch, ``finish_window`` before the step."""
 
     totals_size = 2  # each backward adds [loss sum, items] to the window
+    resumes_mid_window = True  # a checkpoint inside a window can carry the window's totals and gradients
 
     def __init__(self) -> None:
         self._window = ItemWindow(self.totals_size)
@@ -74,6 +75,15 @@ class WeightingEngine(ABC):
     def forget_window(self) -> None:
         """The window's gradients were zeroed or dropped: its counts go with them."""
         self._window.reset()
+
+    def partial_window(self) -> Tensor | None:
+        """This rank's totals of the window so far, or ``None`` if no backward was carried since it began."""
+        return self._window.totals
+
+    def restore_window(self, totals: Tensor) -> None:
+        """Continue a window whose first micro-batches a resumed checkpoint carried (their totals on this rank)."""
+        self._window.reset()
+        self._window.add(totals)
 
     @abstractmethod
     def micro_batch_loss(self, loss_sum: Tensor, items: Tensor, run: RunState) -> Tensor:
@@ -200,6 +210,7 @@ class LookaheadEngine(WeightingEngine):
     """
 
     totals_size = 3  # [loss sum, items, items that count_items counted in the same micro-batches]
+    resumes_mid_window = False  # the window's look-ahead count cannot be rebuilt: refused at the resumed batch
 
     def reset(self) -> None:
         super().reset()
@@ -260,7 +271,8 @@ class LookaheadEngine(WeightingEngine):
         try:
             return super().finish_window(params, run, ends_epoch)
         finally:
-            self._counts = self._window_items = None
+            # The window's count stays until the next window starts: a sample_loss after the step (logging in
+            # on_train_batch_end) scales by it and, never backpropagated, counts nothing.
             self._carried = set()
 
     def _verdict(self, totals: Tensor, world_size: int) -> Tensor:

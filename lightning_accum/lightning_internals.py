@@ -7,7 +7,9 @@ that lacks a part fails before training instead of training wrong:
   ``iterator``, prefetched ``batches`` and ``done``) and pushes them back;
 - the optimizer step ends the epoch on this rank when the epoch loop's ``_num_ready_batches_reached()``;
 - ``GlobalBatchLoader`` relies on Lightning saving and restoring the state of a ``_Stateful`` train loader
-  (``CombinedLoader._state_dicts`` / ``_load_state_dicts``).
+  (``CombinedLoader._state_dicts`` / ``_load_state_dicts``);
+- the rescaler tells whether its own hooks run for the current batch (Lightning's Tuner swaps the callbacks
+  out) from the epoch loop's batch counter, and whether a fit resumed mid-epoch from ``restarted_mid_epoch``.
 """
 
 from __future__ import annotations
@@ -74,18 +76,31 @@ def upcoming_batches(trainer: pl.Trainer, n: int) -> list[Any]:
     return prefetched + [item[0] for item in read]
 
 
-def require_window_end_support() -> None:
-    """Raise unless this Lightning tells whether an optimizer step ends the epoch on this rank.
+def require_loop_support() -> None:
+    """Raise unless this Lightning's loops expose what the rescaler reads at every step and at resume.
 
     Example::
 
-        >>> require_window_end_support()
+        >>> require_loop_support()
     """
+    from lightning.pytorch.loops import _FitLoop
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 
-    if not hasattr(_TrainingEpochLoop, "_num_ready_batches_reached"):
-        fix = f"Install {SUPPORTED}."
-        raise RuntimeError(_missing_message("SampleCountRescaler", ["_num_ready_batches_reached"], fix))
+    wanted = [(_TrainingEpochLoop, "_num_ready_batches_reached"), (_TrainingEpochLoop, "total_batch_idx")]
+    wanted.append((_FitLoop, "restarted_mid_epoch"))
+    missing = [f"{owner.__name__}.{name}" for owner, name in wanted if not hasattr(owner, name)]
+    if missing:
+        raise RuntimeError(_missing_message("SampleCountRescaler", missing, f"Install {SUPPORTED}."))
+
+
+def batch_token(trainer: pl.Trainer) -> int:
+    """A number that changes with every training batch the fit loop starts (its running batch index)."""
+    return int(trainer.fit_loop.epoch_loop.total_batch_idx)
+
+
+def resumed_mid_epoch(trainer: pl.Trainer) -> bool:
+    """True at ``on_train_start`` when the fit restarts inside an epoch from a checkpoint."""
+    return bool(trainer.fit_loop.restarted_mid_epoch)
 
 
 def window_ends_epoch(trainer: pl.Trainer) -> bool:

@@ -30,6 +30,11 @@ class ItemWindow:
             self._totals = torch.zeros(self.size, dtype=values.dtype, device=values.device)
         self._totals += values.detach()
 
+    @property
+    def totals(self) -> Tensor | None:
+        """This rank's running totals, or ``None`` while no backward has been carried since the last reset."""
+        return self._totals
+
     def reset(self) -> None:
         """Forget the window: its gradients were zeroed or dropped."""
         self._totals = None

@@ -162,14 +162,23 @@ def reference_run(case: Case) -> ReferenceRun:
     )
 
 
-def reference_distance(case: Case, net: nn.Module, skip_windows: tuple[int, ...] = ()) -> float:
-    """Relative distance of ``net`` to the float32 reference; windows in ``skip_windows`` make no step."""
-    windows = case.reference_windows()
+def reference_distance(
+    case: Case, net: nn.Module, skip_windows: tuple[int, ...] = (), windows: list[list[MicroBatch]] | None = None
+) -> float:
+    """Relative distance of ``net`` to the float32 reference over ``windows`` (default: the case's windows);
+    windows in ``skip_windows`` make no step."""
+    windows = case.reference_windows() if windows is None else windows
     windows = [[] if i in skip_windows else w for i, w in enumerate(windows)]
     reference = train_reference(
         make_net(), windows, make_optimizer(case.optimizer, case.lr), case.clip_norm, case.clip_value
     ).parameters
     return relative_distance(flat_parameters(net).float(), reference, flat_parameters(make_net()))
+
+
+def masked_out(batch: MicroBatch) -> MicroBatch:
+    """``batch`` with no counted item: how the reference sees a micro-batch that no backward carried."""
+    x, y, _ = batch
+    return x, y, torch.zeros_like(y, dtype=torch.bool)
 
 
 def tolerance(precision: str, case: Case) -> float:
