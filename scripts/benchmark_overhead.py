@@ -10,8 +10,9 @@ are not timed) and the peak memory per rank, each as a ratio to naive of the sam
 [min, max] over repeats), then the bandwidth the fused gradient rescale reaches against a ``torch`` copy
 of the same number of bytes, measured in the same run. It prints figures and never judges them.
 
-    python scripts/benchmark_overhead.py              # CPU, ~2.5M parameters: ~25 minutes on 2 busy cores
-    python scripts/benchmark_overhead.py --quick      # tiny sizes, 1 repeat: a smoke check (~1 minute)
+    python scripts/benchmark_overhead.py              # CPU, 2.5M parameters, 5 repeats: ~10 minutes on 2 cores
+    python scripts/benchmark_overhead.py --threads 1  # the same, 1 torch thread per rank (for busy cores)
+    python scripts/benchmark_overhead.py --quick      # tiny sizes, 1 repeat: a smoke check (1-2 minutes)
     python scripts/benchmark_overhead.py --device cuda --ranks 1 2   # ~94M parameters, bf16-mixed, 1 and 2 GPUs
 
 How it measures:
