@@ -1,0 +1,49 @@
+"""Smoke test of the benchmark script: ``--quick`` runs end to end and prints every row. Its figures are not judged."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "benchmark_overhead.py"
+CONFIGS = ("1 process", "2 DDP ranks (gloo)")
+MODES = ("naive", "deferred", "lookahead")
+NUMBER = r"-?\d+\.\d+"
+SPREAD = rf"{NUMBER} \[{NUMBER}, {NUMBER}\]"
+FOOTER = (
+    "torch threads per rank",
+    "constant offset",
+    "fused rescale",
+    "torch copy",
+    "in-place multiply",
+    "rescale bandwidth / copy",
+    "rescale bandwidth / flat",
+    "rescale allocates",
+    "one fused rescale / one naive optimizer step",
+    "look-ahead reads",
+)
+
+
+@pytest.mark.slow
+def test_quick_benchmark_prints_every_row(tmp_path: Path) -> None:
+    # The checkout's library first, whatever is installed; 6 fits in fresh processes take one to two minutes.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("config"))
+    rows = lines[header + 1 : header + 1 + len(CONFIGS) * len(MODES)]
+    for row, (config, mode) in zip(rows, [(c, m) for c in CONFIGS for m in MODES], strict=True):
+        # time and its ratio (median [min, max]), the fastest fits' ratio, memory and its ratio, the MiB difference
+        cells = [SPREAD, SPREAD, NUMBER, SPREAD, SPREAD, rf"[+-]{NUMBER}"]
+        assert re.fullmatch(rf"{re.escape(config)}\s+{mode}\s+" + r"\s+".join(cells), row), row
+    for start in FOOTER:
+        assert any(line.startswith(start) for line in lines), start
