@@ -25,8 +25,9 @@ def length_groups(
     A group holds at most ``max_samples`` samples and at most ``max_tokens`` padded tokens (its longest length
     times its samples); ``None`` means no limit. Groups are runs of the length-sorted positions, shortest
     first; among the groupings with the fewest padded tokens the one with the smallest sum of squared padded
-    sizes wins (the most even), so groups are left empty only when that costs nothing, e.g. with fewer
-    samples than groups. Time and memory ``O(num_groups * n * w)`` for ``n`` samples and runs of at most ``w`` samples.
+    sizes wins (the most even): splitting a run never adds padding, so a group is empty only when there are
+    fewer samples than groups. Time and memory ``O(num_groups * n * w)`` for ``n`` samples and runs of at
+    most ``w`` samples (``max_samples``, or ``max_tokens`` over the shortest length).
 
     Raises ``ValueError`` when no grouping fits the limits.
 

@@ -274,6 +274,11 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.max_tokens = None if max_tokens is None else _positive_int("max_tokens", max_tokens)
         if self.max_tokens is not None:
             self._require_budget()
+        # What cuts the windows, as state_dict saves it: None, or a checksum of the lengths and max_tokens.
+        self._grouping: dict[str, int | None] | None = None
+        if self.lengths is not None:
+            checksum = zlib.crc32(array("q", self.lengths).tobytes())
+            self._grouping = {"lengths_crc32": checksum, "max_tokens": self.max_tokens}
         self._resume: tuple[int, int] | None = None  # (epoch, micro-batch) where that epoch's next iteration starts
         self._yielded = 0  # micro-batches yielded so far in the current epoch
 
@@ -402,14 +407,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
             "shuffle": self.sampler.shuffle,
             "seed": self.sampler.seed,
             "drop_last": self.drop_last,
-            "grouping": self._grouping(),
+            "grouping": None if self._grouping is None else dict(self._grouping),
         }
-
-    def _grouping(self) -> dict[str, int | None] | None:
-        """What cuts the windows: ``None``, or a checksum of ``lengths`` and ``max_tokens``."""
-        if self.lengths is None:
-            return None
-        return {"lengths_crc32": zlib.crc32(array("q", self.lengths).tobytes()), "max_tokens": self.max_tokens}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume: the next iteration of the saved epoch continues after the saved position (another epoch is whole).
@@ -425,10 +424,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
                     f"Build the GlobalBatchSampler with {key}={state_dict[key]!r}."
                 )
         saved_grouping = state_dict.get("grouping")  # absent from checkpoints of earlier versions: no grouping
-        if saved_grouping != self._grouping():
+        if saved_grouping != self._grouping:
             raise ValueError(
                 f"Cannot resume: the saved sampler cut its windows with grouping={saved_grouping!r}, this one with "
-                f"{self._grouping()!r}, so the saved position would skip or repeat samples. Build the "
+                f"{self._grouping!r}, so the saved position would skip or repeat samples. Build the "
                 "GlobalBatchSampler with the saved `lengths` and `max_tokens` (none for grouping=None), e.g. the "
                 "data module's group_by_length and max_tokens of the checkpointed run."
             )
