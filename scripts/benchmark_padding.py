@@ -13,12 +13,14 @@ log-normal length: many short, few long) in one process, four ways, side by side
   permutation cut into megabatches of ``min(n // (4 * batch), 50) * batch`` samples, each sorted by length,
   longest first, the longest of all moved to the front; ``batch`` is ``B * K``, as the Trainer passes it.
 
-For each it prints the padded-token fraction, the wall time per epoch, real (unpadded) tokens per second and its
-ratio to ``ungrouped``, and the final parameters' distance to the ``ungrouped`` run relative to its update
+For each it prints the padded-token fraction, the median wall time of a Lightning epoch, the compute time of one
+epoch's micro-batches (forward and backward, the four ways interleaved round by round so that a change of machine
+load hits all alike), real (unpadded) tokens per compute second and its ratio to ``ungrouped``, and the final
+parameters' distance to the ``ungrouped`` run relative to its update
 (``|theta - theta_ungrouped| / |theta_ungrouped - theta_0|``): rounding only for the grouped runs, a different
-trajectory for ``hf``. Timings are of whole epochs on this machine: run it on a quiet one.
+trajectory for ``hf``. Timings are of this machine: compare them on a quiet one.
 
-    python scripts/benchmark_padding.py                        # about two minutes on 2 CPU cores
+    python scripts/benchmark_padding.py                        # about 75 s on 2 CPU cores
     python scripts/benchmark_padding.py --plot padding.png     # also the padded fraction per optimizer step
 """
 
@@ -105,7 +107,8 @@ class HFLengthGroupedBatches(Sampler[list[int]]):
 
 
 class MeasuredLM(CausalLM):
-    """``CausalLM`` on a given loader that records, per optimizer step, padded slots and real target tokens."""
+    """``CausalLM`` on a given loader that records, per optimizer step, padded slots, real target tokens and the
+    sum of the micro-batches' widths (time steps the GRU runs one after another)."""
 
     def __init__(self, loader: DataLoader, vocab_size: int) -> None:
         super().__init__(vocab_size)
@@ -113,9 +116,10 @@ class MeasuredLM(CausalLM):
         self.per_step: dict[int, list[int]] = {}
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        record = self.per_step.setdefault(self.trainer.global_step, [0, 0])
+        record = self.per_step.setdefault(self.trainer.global_step, [0, 0, 0])
         record[0] += batch["mask"][batch["valid"]].numel()
         record[1] += int(self.loss_mask(batch).sum())
+        record[2] += batch["mask"].shape[1]
         return super().training_step(batch, batch_idx)
 
     def train_dataloader(self) -> DataLoader:
@@ -123,6 +127,8 @@ class MeasuredLM(CausalLM):
 
 
 class EpochTimer(pl.Callback):
+    """Wall seconds of every training epoch."""
+
     def __init__(self) -> None:
         self.seconds: list[float] = []
 
@@ -133,29 +139,28 @@ class EpochTimer(pl.Callback):
         self.seconds.append(time.perf_counter() - self.start)
 
 
-def run(name: str, data: TokenSequenceDataset, vocab_size: int, args: argparse.Namespace) -> dict:
-    """Fit one way; return its per-epoch seconds, per-step padding records and final parameters."""
-    lengths = data.lengths()
-    b, k = args.micro_batch_size, args.accumulate
+def make_loader(name: str, data: TokenSequenceDataset, args: argparse.Namespace) -> DataLoader:
+    """The training loader of one way of cutting the epoch into micro-batches."""
+    lengths, b, k = data.lengths(), args.micro_batch_size, args.accumulate
     if name == "hf":
-        loader = DataLoader(
+        return DataLoader(
             data, batch_sampler=HFLengthGroupedBatches(lengths, b, k, args.seed), collate_fn=PadCollate(0)
         )
-    else:
-        grouping = {
-            "grouped": {"lengths": lengths},
-            "grouped+budget": {"lengths": lengths, "max_tokens": args.max_tokens},
-        }
-        sampler = GlobalBatchSampler(len(data), b, k, seed=args.seed, **grouping.get(name, {}))
-        loader = GlobalBatchLoader(data, sampler, collate_fn=PadCollate(0))
+    grouping = {"grouped": {"lengths": lengths}, "grouped+budget": {"lengths": lengths, "max_tokens": args.max_tokens}}
+    sampler = GlobalBatchSampler(len(data), b, k, seed=args.seed, **grouping.get(name, {}))
+    return GlobalBatchLoader(data, sampler, collate_fn=PadCollate(0))
+
+
+def run(name: str, data: TokenSequenceDataset, vocab_size: int, args: argparse.Namespace) -> dict:
+    """Fit one way; return its per-epoch seconds, per-step padding records and final parameters."""
     torch.manual_seed(args.seed)
-    module = MeasuredLM(loader, vocab_size)
+    module = MeasuredLM(make_loader(name, data, args), vocab_size)
     initial = torch.cat([p.detach().flatten().clone() for p in module.parameters()])
     timer = EpochTimer()
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=args.epochs,
-        accumulate_grad_batches=k,
+        accumulate_grad_batches=args.accumulate,
         use_distributed_sampler=False,
         callbacks=[SampleCountRescaler(), timer],
         logger=False,
@@ -166,24 +171,45 @@ def run(name: str, data: TokenSequenceDataset, vocab_size: int, args: argparse.N
     trainer.fit(module)
     final = torch.cat([p.detach().flatten() for p in module.parameters()])
     return {
-        "seconds": timer.seconds,
+        "seconds": sorted(timer.seconds)[len(timer.seconds) // 2],  # the median epoch
         "steps": [module.per_step[s] for s in sorted(module.per_step)],
         "initial": initial,
         "final": final,
     }
 
 
+def compute_seconds(names: list[str], data: TokenSequenceDataset, vocab_size: int, args: argparse.Namespace) -> dict:
+    """Forward and backward over each way's first-epoch micro-batches, the ways interleaved round by round.
+
+    Interleaving spreads a change of machine load over all ways alike; the least of ``args.rounds`` rounds is
+    the pass least disturbed. This is the compute that the cut into micro-batches changes, without Lightning.
+    """
+    epochs = {name: list(make_loader(name, data, args)) for name in names}
+    torch.manual_seed(args.seed)
+    model = CausalLM(vocab_size)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(args.rounds):
+        for name, batches in epochs.items():
+            start = time.perf_counter()
+            for batch in batches:
+                losses, mask = model.token_losses(batch)
+                losses[mask].sum().backward()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in seconds.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=512)
+    parser.add_argument("--samples", type=int, default=2048)
     parser.add_argument("--median-chars", type=float, default=24.0)
     parser.add_argument("--sigma", type=float, default=1.0, help="log-normal spread of the lengths")
     parser.add_argument("--longest", type=int, default=256, help="pieces are cut to at most this many characters")
-    parser.add_argument("--micro-batch-size", type=int, default=16)
-    parser.add_argument("--accumulate", type=int, default=4, help="K micro-batches per optimizer step")
+    parser.add_argument("--micro-batch-size", type=int, default=8)
+    parser.add_argument("--accumulate", type=int, default=8, help="K micro-batches per optimizer step")
     parser.add_argument("--max-tokens", type=int, default=None, help="grouped+budget's budget; default B x longest")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the least is printed)")
     parser.add_argument("--plot", default=None, help="save the padded fraction per optimizer step to this PNG")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -208,17 +234,28 @@ def main() -> None:
     results = {name: run(name, data, len(vocab), args) for name in names}
     base = results["ungrouped"]
     update = (base["final"] - base["initial"]).norm()
-    base_rate = None
-    print(f"{'run':<16}{'padded':>8}{'s/epoch':>9}{'tokens/s':>10}{'vs ungrouped':>14}{'distance to ungrouped':>23}")
+    compute = compute_seconds(names, data, len(vocab), args)
+    print(
+        f"{'run':<16}{'padded':>8}{'GRU steps':>11}{'fit s/epoch':>13}{'compute s/epoch':>17}{'tokens/s':>10}"
+        f"{'vs ungrouped':>14}{'distance to ungrouped':>23}"
+    )
     for name, result in results.items():
-        slots, real = (sum(column) for column in zip(*result["steps"], strict=True))
-        seconds = sorted(result["seconds"])[len(result["seconds"]) // 2]  # median epoch
-        rate = real / args.epochs / seconds
-        base_rate = base_rate or rate
+        slots, real, widths = (sum(column) for column in zip(*result["steps"], strict=True))
+        rate = real / args.epochs / compute[name]
         distance = float((result["final"] - base["final"]).norm() / update)
         print(
-            f"{name:<16}{1 - real / slots:>8.1%}{seconds:>9.2f}{rate:>10.0f}{rate / base_rate:>13.2f}x{distance:>23.2e}"
+            f"{name:<16}{1 - real / slots:>8.1%}{widths // args.epochs:>11}{result['seconds']:>13.2f}"
+            f"{compute[name]:>17.2f}{rate:>10.0f}{compute['ungrouped'] / compute[name]:>13.2f}x{distance:>23.2e}"
         )
+    print(
+        "padded: padded share of the micro-batches' tokens; GRU steps: their widths summed per epoch, the sequential "
+        "steps a GRU runs (on CPU a small GRU's time follows them more than padded tokens: a budget packs short "
+        "samples densely but spreads long ones over more micro-batches); fit s/epoch: median Lightning epoch; "
+        f"compute s/epoch: forward+backward of one epoch's micro-batches, least of {args.rounds} interleaved rounds; "
+        "tokens/s: real target tokens per compute second (every way trains all tokens, so its ratio is the inverse "
+        "ratio of compute seconds); distance: |theta - theta_ungrouped| / |theta_ungrouped - "
+        "theta_0| after the exact fits."
+    )
     if args.plot:
         plot(results, args.plot)
         print(f"wrote {args.plot}")
@@ -232,7 +269,7 @@ def plot(results: dict[str, dict], path: str) -> None:
 
     figure, axis = plt.subplots(figsize=(8, 4))
     for name, result in results.items():
-        axis.plot([1 - real / slots for slots, real in result["steps"]], label=name)
+        axis.plot([1 - real / slots for slots, real, _ in result["steps"]], label=name)
     axis.set(xlabel="optimizer step", ylabel="padded fraction of the step's tokens", ylim=(0, 1))
     axis.legend()
     figure.tight_layout()
