@@ -249,6 +249,13 @@ def test_every_sample_once_same_steps_and_budget_held(n: int, r: int, k: int, b:
     assert step_sets(per_rank, k) == expected_steps(n, e, seed, epoch=1)  # each step: its window, whatever the split
 
 
+def test_lengths_as_a_callable_group_as_the_sequence() -> None:
+    lengths = lognormal_lengths(40, seed=6)
+    as_list = GlobalBatchSampler(40, 4, 2, 2, 1, seed=SEED, lengths=lengths, max_tokens=160)
+    as_callable = GlobalBatchSampler(40, 4, 2, 2, 1, seed=SEED, lengths=lengths.__getitem__, max_tokens=160)
+    assert list(as_callable) == list(as_list) != list(GlobalBatchSampler(40, 4, 2, 2, 1, seed=SEED))
+
+
 # ---------------------------------------------------------------------------------------------- (d) resume
 
 
