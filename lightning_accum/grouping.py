@@ -42,7 +42,7 @@ def length_groups(
     """
     order = sorted(range(len(lengths)), key=lambda position: lengths[position])
     n = len(order)
-    longest = torch.tensor([0] + [lengths[p] for p in order], dtype=torch.int64)  # of the run ending before j
+    longest = torch.tensor([0] + [lengths[p] for p in order], dtype=torch.int64)  # [end]: longest of a run ending there
     widest = n if max_samples is None else min(n, max_samples)
     if max_tokens is not None and n:
         widest = min(widest, max_tokens // max(1, min(lengths)))

@@ -26,7 +26,13 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from lightning_accum.grouping import assign_groups, length_groups, padded_tokens, smallest_budget
+from lightning_accum.grouping import (
+    assign_groups,
+    fewest_micro_batches,
+    length_groups,
+    padded_tokens,
+    smallest_budget,
+)
 
 PAD_INDEX = -1
 """The index yielded for a padding slot: the dataset returns a placeholder sample flagged ``valid=False``."""
@@ -310,9 +316,15 @@ class GlobalBatchSampler(Sampler[list[int]]):
         if self.lengths[longest] > self.max_tokens:
             problem = f"sample {longest} has {self.lengths[longest]} tokens, more than max_tokens={self.max_tokens}"
         else:
+            longest_first = sorted(self.lengths, reverse=True)
+            samples, slots = next(
+                (samples, slots)
+                for samples, slots in windows
+                if fewest_micro_batches(longest_first[:samples], self.max_tokens) > slots
+            )
             problem = (
-                f"a window of the {windows[0][0]} longest samples does not fit its {windows[0][1]} micro-batches "
-                f"of max_tokens={self.max_tokens} padded tokens"
+                f"a window of the {samples} longest samples does not fit its {slots} micro-batches of "
+                f"max_tokens={self.max_tokens} padded tokens"
             )
         raise ValueError(
             f"{problem}. Use max_tokens>={needed} (the smallest budget every window of this dataset fits), or "

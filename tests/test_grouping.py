@@ -324,8 +324,20 @@ def test_resume_refuses_other_grouping_settings(saved: dict, resumed: dict, matc
             r"sample 1 has 9 tokens, more than max_tokens=8\. .*max_tokens>=9",
         ),
         ({"lengths": [8, 9, 7, 2], "max_tokens": 9}, r"the 4 longest samples does not fit its 2 .* max_tokens>=18"),
+        # 11 samples, 1 rank x K=4 x B=2: the full windows fit [10], [10], [10], [1 x 5]; the last 3 need [10, 10]
+        (
+            {
+                "dataset_size": 11,
+                "accumulate_grad_batches": 4,
+                "num_replicas": 1,
+                "lengths": [10] * 3 + [1] * 8,
+                "max_tokens": 10,
+            },
+            r"the 3 longest samples does not fit its 2 micro-batches of max_tokens=10 .* max_tokens>=20",
+        ),
     ],
 )
 def test_argument_errors(kwargs: dict, match: str) -> None:
+    args = {"dataset_size": 4, "micro_batch_size": 2, "accumulate_grad_batches": 1, "num_replicas": 2, "rank": 0}
     with pytest.raises(ValueError, match=match):
-        GlobalBatchSampler(4, 2, 1, num_replicas=2, rank=0, **kwargs)
+        GlobalBatchSampler(**{**args, **kwargs})
