@@ -186,7 +186,15 @@ def test_group_by_length_switch_reaches_the_sampler_and_the_lm_experiment_uses_i
     assert lm.train_dataloader().batch_sampler.lengths is not None
 
 
-def test_group_by_length_needs_the_global_sampler(tmp_path):
-    cfg = compose_train(tmp_path, "data=tokens", "data.group_by_length=true")
-    with pytest.raises(InstantiationException, match=r"group_by_length=True needs sampler='global', got 'default'"):
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["data.group_by_length=true"], r"group_by_length=True needs sampler='global', got 'default'"),
+        (["data.sampler=global", "data.max_tokens=500"], r"max_tokens=500 bounds .* set group_by_length=True"),
+        (["data.sampler=global", "data.group_by_length=true", "data.max_tokens=0"], r"positive int or None, got 0"),
+    ],
+)
+def test_group_by_length_settings_are_checked_at_once(tmp_path, overrides, match):
+    cfg = compose_train(tmp_path, "data=tokens", *overrides)
+    with pytest.raises(InstantiationException, match=match):
         instantiate(cfg.data)

@@ -232,6 +232,10 @@ class TokenSequenceDataModule(ExampleDataModule):
                 "sampler regroups within fixed optimizer-step windows, which keeps the trajectory. Set "
                 "data.sampler=global."
             )
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        ):
+            raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}.")
         if max_tokens is not None and not group_by_length:
             raise ValueError(
                 f"max_tokens={max_tokens!r} bounds length-grouped micro-batches: set group_by_length=True."
