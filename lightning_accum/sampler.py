@@ -8,18 +8,31 @@ samples, one window per optimizer step. A window is cut into ``num_replicas * m`
 window, whatever the split. The last, partial window gets ``m = ceil(n / (num_replicas * micro_batch_size))``
 micro-batches on every rank; a micro-batch left with no sample holds the padding index ``PAD_INDEX``,
 which datasets turn into a placeholder that the loss mask excludes. Every sample appears exactly once
-per epoch and every rank runs the same number of micro-batches.
+per epoch and every rank runs the same number of micro-batches. With ``lengths``, each window is instead cut
+into the same number of micro-batches of similar lengths (``grouped_micro_batches``): the window, and so the
+update under exact item weighting, stays the same; only the padding shrinks.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import operator
+import zlib
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
+
+from lightning_accum.grouping import (
+    assign_groups,
+    fewest_micro_batches,
+    length_groups,
+    padded_tokens,
+    smallest_budget,
+)
 
 PAD_INDEX = -1
 """The index yielded for a padding slot: the dataset returns a placeholder sample flagged ``valid=False``."""
@@ -29,6 +42,11 @@ def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
     return value
+
+
+def _slots(samples: int, num_replicas: int, micro_batch_size: int) -> int:
+    """Micro-batches of a window of ``samples`` samples on all ranks: ``num_replicas * m``."""
+    return num_replicas * math.ceil(samples / (num_replicas * micro_batch_size))
 
 
 def window_micro_batches(window: list[int], num_replicas: int, rank: int, micro_batch_size: int) -> list[list[int]]:
@@ -50,7 +68,7 @@ def window_micro_batches(window: list[int], num_replicas: int, rank: int, micro_
         >>> window_micro_batches([5], num_replicas=2, rank=1, micro_batch_size=2)  # rank 1 runs short
         [[-1]]
     """
-    slots = num_replicas * math.ceil(len(window) / (num_replicas * micro_batch_size))
+    slots = _slots(len(window), num_replicas, micro_batch_size)
     base, extra = divmod(len(window), slots)
     batches = []
     for q in range(rank, slots, num_replicas):
@@ -58,6 +76,59 @@ def window_micro_batches(window: list[int], num_replicas: int, rank: int, micro_
         end = start + base + (q < extra)
         batches.append(window[start:end] or [PAD_INDEX])
     return batches
+
+
+def grouped_micro_batches(
+    window: list[int],
+    lengths: Sequence[int],
+    num_replicas: int,
+    rank: int,
+    micro_batch_size: int,
+    max_tokens: int | None = None,
+) -> list[list[int]]:
+    """Return ``rank``'s micro-batches of ``window``, cut by length into the same number as ``window_micro_batches``.
+
+    The window's ``num_replicas * m`` micro-batches are the runs of its length-sorted samples with the fewest
+    padded tokens (``longest * samples`` each; ``grouping.length_groups``): at most ``micro_batch_size``
+    samples each, or, with ``max_tokens``, any number of samples within ``max_tokens`` padded tokens. They are
+    dealt to the ranks, ``m`` each, balancing padded tokens. An empty micro-batch is ``[PAD_INDEX]``.
+
+    Example::
+
+        >>> lengths = [30, 5, 28, 6, 4, 31, 7, 5]  # sample i has lengths[i] tokens
+        >>> window_micro_batches([0, 1, 2, 3, 4, 5, 6, 7], 1, 0, micro_batch_size=4)  # padded 4 * 30 + 4 * 31
+        [[0, 1, 2, 3], [4, 5, 6, 7]]
+        >>> grouped_micro_batches([0, 1, 2, 3, 4, 5, 6, 7], lengths, 1, 0, micro_batch_size=4)  # 4 * 31 + 4 * 6
+        [[6, 2, 0, 5], [4, 1, 7, 3]]
+        >>> grouped_micro_batches([0, 1, 2, 3, 4, 5, 6, 7], lengths, 1, 0, 4, max_tokens=93)  # 3 * 31 + 5 * 7
+        [[2, 0, 5], [4, 1, 7, 3, 6]]
+    """
+    window_lengths = [lengths[i] for i in window]
+    groups = length_groups(
+        window_lengths,
+        _slots(len(window), num_replicas, micro_batch_size),
+        max_samples=micro_batch_size if max_tokens is None else None,
+        max_tokens=max_tokens,
+    )
+    costs = [padded_tokens([window_lengths[p] for p in group]) for group in groups]
+    return [[window[p] for p in groups[g]] or [PAD_INDEX] for g in assign_groups(costs, num_replicas)[rank]]
+
+
+def _lengths(lengths: Sequence[int] | Callable[[int], int], dataset_size: int) -> list[int]:
+    """Every sample's length as a list of positive ints (a callable is asked once per index)."""
+    values = [lengths(i) for i in range(dataset_size)] if callable(lengths) else list(lengths)
+    if len(values) != dataset_size:
+        raise ValueError(
+            f"`lengths` must give one length per sample: got {len(values)} for dataset_size={dataset_size}."
+        )
+    for index, value in enumerate(values):
+        try:
+            values[index] = operator.index(value)
+        except TypeError:
+            values[index] = 0
+        if isinstance(value, bool) or values[index] < 1:
+            raise ValueError(f"`lengths` must be positive ints, got {value!r} for sample {index}.")
+    return values
 
 
 class EpochPermutation(Sampler[int]):
@@ -116,6 +187,15 @@ class GlobalBatchSampler(Sampler[list[int]]):
     the last window leaves a rank's micro-batch empty it yields ``[PAD_INDEX]`` (``-1``) instead, and
     every rank yields the same number of micro-batches, so DDP cannot hang.
 
+    With ``lengths`` (padding-free micro-batches), every window is cut by length instead
+    (``grouped_micro_batches``): the same windows and number of micro-batches, each micro-batch of samples of
+    similar lengths, with the fewest padded tokens (``longest length * samples``). Under exact item weighting
+    (``SampleCountRescaler``) the trajectory is the ungrouped one up to float rounding. With ``max_tokens`` a
+    micro-batch may hold any number of samples (short ones packed densely) within ``max_tokens`` padded
+    tokens; the constructor refuses a budget under which some window of this dataset could not fit its
+    micro-batches (e.g. a sample longer than the budget), naming the smallest budget that always fits, so no
+    epoch can fail halfway.
+
     Use it with ``GlobalBatchLoader(dataset, GlobalBatchSampler(...))`` (``lightning_accum.loader``),
     which Lightning checkpoints and resumes mid-epoch, and
     ``Trainer(use_distributed_sampler=False, accumulate_grad_batches=<the same K>)``. Lightning calls
@@ -133,6 +213,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
         shuffle: shuffle the global order every epoch (seeded by ``seed + epoch``).
         seed: the shuffling seed; must be the same on every rank.
         drop_last: drop the last window when it holds fewer than ``E`` samples.
+        lengths: each sample's padded length (e.g. its token count), a sequence or ``index -> length``
+            (called once per index here); groups each window's micro-batches by length.
+        max_tokens: with ``lengths``, the most padded tokens in one micro-batch instead of the most samples
+            (``micro_batch_size`` then only sets ``E``).
 
     Example::
 
@@ -145,6 +229,15 @@ class GlobalBatchSampler(Sampler[list[int]]):
         [[[0, 1], [4, 5], [8]], [[2, 3], [6, 7], [9]]]
         >>> list(GlobalBatchSampler(5, 2, num_replicas=2, rank=1, shuffle=False))  # rank 1 runs short
         [[2, 3], [-1]]
+        >>> lengths = [9, 2, 8, 3, 1, 9, 2, 2]
+        >>> list(GlobalBatchSampler(8, 2, accumulate_grad_batches=4, shuffle=False, lengths=lengths))
+        [[0, 5], [3, 2], [4, 1], [6, 7]]
+        >>> list(GlobalBatchSampler(8, 2, accumulate_grad_batches=4, shuffle=False, lengths=lengths, max_tokens=15))
+        [[4, 1, 6, 7, 3], [0], [5], [2]]
+        >>> GlobalBatchSampler(8, 2, accumulate_grad_batches=4, lengths=lengths, max_tokens=9)
+        Traceback (most recent call last):
+        ...
+        ValueError: a window of the 8 longest samples does not fit its 4 micro-batches of max_tokens=9 padded ...
     """
 
     def __init__(
@@ -157,6 +250,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
         shuffle: bool = True,
         seed: int = 0,
         drop_last: bool = False,
+        lengths: Sequence[int] | Callable[[int], int] | None = None,
+        max_tokens: int | None = None,
     ) -> None:
         self.micro_batch_size = _positive_int("micro_batch_size", micro_batch_size)
         self.accumulate_grad_batches = _positive_int("accumulate_grad_batches", accumulate_grad_batches)
@@ -179,6 +274,17 @@ class GlobalBatchSampler(Sampler[list[int]]):
                 f"num_replicas * accumulate_grad_batches * micro_batch_size = {self.effective_batch_size}. "
                 "Use drop_last=False or a smaller micro_batch_size or accumulate_grad_batches."
             )
+        self.lengths = None if lengths is None else _lengths(lengths, dataset_size)
+        if max_tokens is not None and self.lengths is None:
+            raise ValueError(f"max_tokens={max_tokens!r} needs `lengths`: pass each sample's length.")
+        self.max_tokens = None if max_tokens is None else _positive_int("max_tokens", max_tokens)
+        if self.max_tokens is not None:
+            self._require_budget()
+        # What cuts the windows, as state_dict saves it: None, or a checksum of the lengths and max_tokens.
+        self._grouping: dict[str, int | None] | None = None
+        if self.lengths is not None:
+            checksum = zlib.crc32(array("q", self.lengths).tobytes())
+            self._grouping = {"lengths_crc32": checksum, "max_tokens": self.max_tokens}
         self._resume: tuple[int, int] | None = None  # (epoch, micro-batch) where that epoch's next iteration starts
         self._yielded = 0  # micro-batches yielded so far in the current epoch
 
@@ -196,6 +302,35 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def epoch(self) -> int:
         """The epoch whose permutation the next iteration draws from."""
         return self.sampler.epoch
+
+    def _require_budget(self) -> None:
+        """Raise unless every possible window fits its micro-batches within ``max_tokens``."""
+        full, rest = self._windows()
+        windows = [(self.effective_batch_size, self.num_replicas * self.accumulate_grad_batches)] if full else []
+        if rest:
+            windows.append((rest, _slots(rest, self.num_replicas, self.micro_batch_size)))
+        needed = smallest_budget(self.lengths, windows)
+        if self.max_tokens >= needed:
+            return
+        longest = max(range(self.dataset_size), key=self.lengths.__getitem__)
+        if self.lengths[longest] > self.max_tokens:
+            problem = f"sample {longest} has {self.lengths[longest]} tokens, more than max_tokens={self.max_tokens}"
+        else:
+            longest_first = sorted(self.lengths, reverse=True)
+            samples, slots = next(
+                (samples, slots)
+                for samples, slots in windows
+                if fewest_micro_batches(longest_first[:samples], self.max_tokens) > slots
+            )
+            problem = (
+                f"a window of the {samples} longest samples does not fit its {slots} micro-batches of "
+                f"max_tokens={self.max_tokens} padded tokens"
+            )
+        raise ValueError(
+            f"{problem}. Use max_tokens>={needed} (the smallest budget every window of this dataset fits), or "
+            "truncate the longest samples, or split the effective batch into more micro-batches (a larger "
+            "accumulate_grad_batches with a smaller micro_batch_size)."
+        )
 
     def require_split(self, accumulate_grad_batches: int, world_size: int, rank: int) -> None:
         """Raise unless this sampler was built for the run's K, world size and rank.
@@ -253,12 +388,24 @@ class GlobalBatchSampler(Sampler[list[int]]):
         position = 0
         for step in range(full + (rest > 0)):
             window = order[step * size : (step + 1) * size]
-            for batch in window_micro_batches(window, self.num_replicas, self.rank, self.micro_batch_size):
+            per_rank = _slots(len(window), self.num_replicas, self.micro_batch_size) // self.num_replicas
+            if position + per_rank <= start:  # resumed past this window: skip without cutting it
+                position += per_rank
+                continue
+            for batch in self._micro_batches(window):
                 if position >= start:
                     self._yielded += 1
                     yield batch
                 position += 1
         self._yielded = 0
+
+    def _micro_batches(self, window: list[int]) -> list[list[int]]:
+        """This rank's micro-batches of one window."""
+        if self.lengths is None:
+            return window_micro_batches(window, self.num_replicas, self.rank, self.micro_batch_size)
+        return grouped_micro_batches(
+            window, self.lengths, self.num_replicas, self.rank, self.micro_batch_size, self.max_tokens
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Return the epoch and the number of micro-batches yielded in it, with the layout they refer to."""
@@ -272,14 +419,15 @@ class GlobalBatchSampler(Sampler[list[int]]):
             "shuffle": self.sampler.shuffle,
             "seed": self.sampler.seed,
             "drop_last": self.drop_last,
+            "grouping": None if self._grouping is None else dict(self._grouping),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume: the next iteration of the saved epoch continues after the saved position (another epoch is whole).
 
-        The dataset size, shuffle, seed, drop_last and effective batch must match the saved ones. The split
-        (``num_replicas``, ``accumulate_grad_batches``, ``micro_batch_size``) may differ when the position
-        is at an optimizer-step boundary, which is where checkpoints are taken.
+        The dataset size, shuffle, seed, drop_last, length grouping and effective batch must match the saved
+        ones. The split (``num_replicas``, ``accumulate_grad_batches``, ``micro_batch_size``) may differ when
+        the position is at an optimizer-step boundary, which is where checkpoints are taken.
         """
         for key in ("dataset_size", "shuffle", "seed", "drop_last"):
             if state_dict[key] != self._setting(key):
@@ -287,6 +435,14 @@ class GlobalBatchSampler(Sampler[list[int]]):
                     f"Cannot resume: the saved sampler has {key}={state_dict[key]!r}, this one {self._setting(key)!r}. "
                     f"Build the GlobalBatchSampler with {key}={state_dict[key]!r}."
                 )
+        saved_grouping = state_dict.get("grouping")  # absent from checkpoints of earlier versions: no grouping
+        if saved_grouping != self._grouping:
+            raise ValueError(
+                f"Cannot resume: the saved sampler cut its windows with grouping={saved_grouping!r}, this one with "
+                f"{self._grouping!r}, so the saved position would skip or repeat samples. Build the "
+                "GlobalBatchSampler with the saved `lengths` and `max_tokens` (none for grouping=None), e.g. the "
+                "data module's group_by_length and max_tokens of the checkpointed run."
+            )
         saved_k = state_dict["accumulate_grad_batches"]
         saved_e = state_dict["num_replicas"] * saved_k * state_dict["micro_batch_size"]
         if saved_e != self.effective_batch_size:

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from omegaconf import DictConfig, OmegaConf
@@ -193,3 +194,30 @@ def test_slurm_launcher_takes_its_tasks_and_nodes_from_the_trainer(tmp_path):
 def test_sweep_summary_callback_is_configured(tmp_path):
     cfg = compose_train(tmp_path, hydra_config=True)
     assert type(instantiate(cfg.hydra.callbacks.sweep_summary)).__name__ == "SweepSummary"
+
+
+def test_group_by_length_switch_reaches_the_sampler_and_the_lm_experiment_uses_it(tmp_path):
+    grouped = ("data=tokens", "data.sampler=global", "data.group_by_length=true")
+    dm = instantiate(compose_train(tmp_path, *grouped).data)
+    sampler = dm.train_dataloader().batch_sampler
+    assert sampler.lengths == [len(dm.train_set[i]["tokens"]) - 1 for i in range(len(dm.train_set))]
+    assert sampler.max_tokens is None
+    assert dm.val_dataloader().batch_sampler.lengths is None  # validation order is irrelevant: left ungrouped
+    budget = instantiate(compose_train(tmp_path, *grouped, "data.max_tokens=2000").data)
+    assert budget.train_dataloader().batch_sampler.max_tokens == 2000
+    lm, _, _ = build(compose_train(tmp_path, "experiment=lm_schedule"))
+    assert lm.train_dataloader().batch_sampler.lengths is not None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["data.group_by_length=true"], r"group_by_length=True needs sampler='global', got 'default'"),
+        (["data.sampler=global", "data.max_tokens=500"], r"max_tokens=500 bounds .* set group_by_length=True"),
+        (["data.sampler=global", "data.group_by_length=true", "data.max_tokens=0"], r"positive int or None, got 0"),
+    ],
+)
+def test_group_by_length_settings_are_checked_at_once(tmp_path, overrides, match):
+    cfg = compose_train(tmp_path, "data=tokens", *overrides)
+    with pytest.raises(InstantiationException, match=match):
+        instantiate(cfg.data)

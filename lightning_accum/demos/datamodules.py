@@ -72,6 +72,10 @@ class ExampleDataModule(pl.LightningDataModule):
         """The ``DataLoader`` collate function (``None``: PyTorch's default)."""
         return None
 
+    def sampler_kwargs(self, dataset: Dataset, train: bool) -> dict[str, Any]:
+        """More ``GlobalBatchSampler`` arguments for ``dataset`` (none here; length grouping in subclasses)."""
+        return {}
+
     def trainer_kwargs(self) -> dict[str, Any]:
         """Trainer arguments this data module needs: the global sampler must not be wrapped by Lightning."""
         return {"use_distributed_sampler": False} if self.sampler == "global" else {}
@@ -101,6 +105,7 @@ class ExampleDataModule(pl.LightningDataModule):
             rank=rank,
             shuffle=train and self.shuffle,
             seed=self.seed,
+            **self.sampler_kwargs(dataset, train),
         )
         return GlobalBatchLoader(dataset, batch_sampler, **common)
 
@@ -193,12 +198,21 @@ class TokenSequenceDataModule(ExampleDataModule):
     Each line becomes ``<bos>`` + up to ``max_chars`` characters + ``<eos>``. Batches carry
     ``input_ids``, ``targets`` and a per-token ``mask`` (``[B, T]``) plus ``valid`` (``[B]``).
 
+    ``group_by_length=True`` (only with ``sampler="global"``) cuts each optimizer step's window of training
+    samples into micro-batches of similar lengths (``GlobalBatchSampler(lengths=...)``): less padding, the
+    same trajectory under exact item weighting. ``max_tokens`` then bounds each micro-batch's padded tokens
+    instead of its samples.
+
     Example::
 
         >>> dm = TokenSequenceDataModule(micro_batch_size=8, max_chars=32)
         >>> batch = next(iter(dm.train_dataloader()))
         >>> batch["input_ids"].shape == batch["mask"].shape, bool((batch["mask"].sum(1) <= 33).all())
         (True, True)
+        >>> grouped = TokenSequenceDataModule(micro_batch_size=8, max_chars=32, sampler="global", group_by_length=True)
+        >>> batch = next(iter(grouped.train_dataloader()))
+        >>> int(batch["mask"].sum()) > 0.9 * batch["mask"].numel()  # under 10% padding
+        True
     """
 
     def __init__(
@@ -207,9 +221,27 @@ class TokenSequenceDataModule(ExampleDataModule):
         min_chars: int = 16,
         num_val_samples: int = 64,
         data_seed: int = 0,
+        group_by_length: bool = False,
+        max_tokens: int | None = None,
         **loader_kwargs: Any,
     ) -> None:
         super().__init__(**loader_kwargs)
+        if group_by_length and self.sampler != "global":
+            raise ValueError(
+                f"group_by_length=True needs sampler='global', got {self.sampler!r}: only the global "
+                "sampler regroups within fixed optimizer-step windows, which keeps the trajectory. Set "
+                "data.sampler=global."
+            )
+        if max_tokens is not None and (
+            isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1
+        ):
+            raise ValueError(f"max_tokens must be a positive int or None, got {max_tokens!r}.")
+        if max_tokens is not None and not group_by_length:
+            raise ValueError(
+                f"max_tokens={max_tokens!r} bounds length-grouped micro-batches: set group_by_length=True."
+            )
+        self.group_by_length = group_by_length
+        self.max_tokens = max_tokens
         self.max_chars = max_chars
         self.num_val_samples = num_val_samples
         self.data_seed = data_seed
@@ -228,6 +260,11 @@ class TokenSequenceDataModule(ExampleDataModule):
 
     def collate_fn(self) -> Callable:
         return PadCollate(self.vocab.pad_id)
+
+    def sampler_kwargs(self, dataset: Dataset, train: bool) -> dict[str, Any]:
+        if not (train and self.group_by_length):
+            return {}
+        return {"lengths": dataset.lengths(), "max_tokens": self.max_tokens}
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"vocab_size": len(self.vocab), "pad_id": self.vocab.pad_id}

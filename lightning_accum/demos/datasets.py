@@ -67,6 +67,16 @@ class TokenSequenceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.sequences)
 
+    def lengths(self) -> list[int]:
+        """Each sample's padded width after ``PadCollate``: its number of next-token targets, ``len(tokens) - 1``.
+
+        Example::
+
+            >>> TokenSequenceDataset([torch.tensor([1, 5, 6, 2]), torch.tensor([1, 7, 2])], pad_id=0).lengths()
+            [3, 2]
+        """
+        return [len(sequence) - 1 for sequence in self.sequences]
+
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         if index == PAD_INDEX:
             return {"tokens": torch.full((2,), self.pad_id, dtype=torch.long), "valid": torch.tensor(False)}
