@@ -224,3 +224,19 @@ def assert_logs_match(rows: list[dict[str, str]], run: ReferenceRun, windows_per
             assert float(row["train/loss"]) == pytest.approx(expected, rel=1e-6)
     epoch_rows = [float(r["train/loss_epoch"]) for r in rows if r["train/loss_epoch"]]
     assert epoch_rows == pytest.approx(epoch_means(run, windows_per_epoch), rel=1e-6)
+
+
+def step_sets(per_rank: list[list[list[int]]], k: int) -> list[list[int]]:
+    """Sorted real sample indices of each optimizer step: K consecutive micro-batches on every rank."""
+    n_micro = len(per_rank[0])
+    return [
+        sorted(i for batches in per_rank for batch in batches[s : s + k] for i in batch if i != -1)
+        for s in range(0, n_micro, k)
+    ]
+
+
+def expected_steps(n: int, e: int, seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
+    """Independent expectation: the seeded permutation of the whole dataset cut into windows of E."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    stop = n - n % e if drop_last else n
+    return [sorted(order[s : min(s + e, stop)]) for s in range(0, stop, e)]

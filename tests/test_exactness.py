@@ -88,9 +88,9 @@ def test_ddp_spawn_two_ranks(case, measured) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("case_name", ["uneven_ranks_case", "masked_ranks_case"])
 def test_ddp_popen_two_ranks(case_name: str, tmp_path: Path, measured) -> None:
-    import lightning_cases
+    import cases
 
-    case = getattr(lightning_cases, case_name)()
+    case = getattr(cases, case_name)()
     initial = flat_parameters(make_net())
     reference = train_reference(
         make_net(), case.reference_windows(), make_optimizer(case.optimizer, case.lr), case.clip_norm, case.clip_value

@@ -17,12 +17,11 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from distributed_exit import ReleaseProcessGroup
+from cases import expected_steps, step_sets
+from fits import QUIET_TRAINER, ReleaseProcessGroup
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lightning_cases import QUIET_TRAINER
 from reference import MicroBatch, flat_parameters, relative_distance, train_reference
-from test_sampler import expected_steps, step_sets
 from torch import Tensor
 
 from lightning_accum import GlobalBatchLoader, GlobalBatchSampler, SampleCountRescaler

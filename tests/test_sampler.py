@@ -7,6 +7,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from cases import expected_steps, step_sets
 from fits import QUIET_TRAINER
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -18,22 +19,6 @@ from lightning_accum import GlobalBatchSampler
 def rank_batches(n: int, b: int, k: int, r: int, **kwargs) -> list[list[list[int]]]:
     """Every rank's list of micro-batches for one epoch."""
     return [list(GlobalBatchSampler(n, b, k, num_replicas=r, rank=rank, **kwargs)) for rank in range(r)]
-
-
-def step_sets(per_rank: list[list[list[int]]], k: int) -> list[list[int]]:
-    """Sorted real sample indices of each optimizer step: K consecutive micro-batches on every rank."""
-    n_micro = len(per_rank[0])
-    return [
-        sorted(i for batches in per_rank for batch in batches[s : s + k] for i in batch if i != -1)
-        for s in range(0, n_micro, k)
-    ]
-
-
-def expected_steps(n: int, e: int, seed: int, epoch: int, drop_last: bool = False) -> list[list[int]]:
-    """Independent expectation: the seeded permutation of the whole dataset cut into windows of E."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    stop = n - n % e if drop_last else n
-    return [sorted(order[s : min(s + e, stop)]) for s in range(0, stop, e)]
 
 
 # ---------------------------------------------------------------------------------------------- hand-checked
