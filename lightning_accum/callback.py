@@ -16,7 +16,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_accum.counting import count_dtype, masked_sum_and_count
 from lightning_accum.engines import DeferredEngine, LookaheadEngine, RunState, WeightingEngine, WindowTotals
-from lightning_accum.graph import backpropagates_only
+from lightning_accum.graph import GraphProblem, backward_problem
 from lightning_accum.lightning_internals import (
     batch_token,
     require_lookahead_support,
@@ -109,7 +109,8 @@ class SampleCountRescaler(Callback):
         # The epoch's item-weighted mean of the per-step global values: already summed over ranks by the step's
         # all-reduce, so the metric does not sync again (and rank 0's state in a checkpoint is the global one).
         self._epoch_loss = ItemMeanLoss(sync_on_compute=False)
-        self._recorded: list[Node | object] = []  # grad_fn of each sample_loss output since the last backward
+        self._outputs: list[Node] = []  # grad_fn of each sample_loss output with a graph since the last backward
+        self._calls = 0  # sample_loss calls since the last backward
         self._batch_token: int | None = None  # the fit loop's batch for which this callback's hooks ran
         self._params: list[torch.nn.Parameter] = []  # the optimizer's parameters, in order
         self._trainer: pl.Trainer | None = None
@@ -258,14 +259,15 @@ class SampleCountRescaler(Callback):
             # item mean of the micro-batch, as from a module without the rescaler.
             return loss_sum / items.clamp_min(1).to(loss_sum.dtype)
         loss = self._engine.micro_batch_loss(loss_sum, items, self._run_state(pl_module))
-        # An output without a graph (detached, no_grad) is a marker that no backward reaches.
-        self._recorded.append(loss.grad_fn if loss.grad_fn is not None else object())
+        self._calls += 1
+        if loss.grad_fn is not None:  # one without a graph (no_grad, detached: logging) is never backpropagated
+            self._outputs.append(loss.grad_fn)
         return loss
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._recorded = []
+        self._outputs, self._calls = [], 0
         self._batch_token = batch_token(trainer)
         if not pl_module.automatic_optimization:
             return
@@ -296,21 +298,35 @@ class SampleCountRescaler(Callback):
         self._engine.forget_window()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        name = type(pl_module).__name__
         helper = "sample_loss" if pl_module.automatic_optimization else "sample_backward"
-        if not self._recorded:
+        outputs, self._outputs = self._outputs, []
+        calls, self._calls = self._calls, 0
+        if not calls:
             raise RuntimeError(
-                f"{type(pl_module).__name__} backpropagated a loss that did not come from self.{helper}(...). "
+                f"{name} backpropagated a loss that did not come from self.{helper}(...). "
                 f"Use `self.{helper}(per_item_losses, mask)` so that SampleCountRescaler can count the items."
             )
-        if not backpropagates_only(loss, self._recorded):
+        problem = backward_problem(loss, outputs)
+        if problem is GraphProblem.NO_GRAPH:
             raise RuntimeError(
-                f"{type(pl_module).__name__} backpropagated more or less than the sum of its "
-                f"self.{helper}(...) outputs (a term added or weighted, or a counted loss left out), which the "
-                "rescale would mis-weight. Put every term into the per-item losses (a penalty added to each "
-                f"item's loss averages to itself: `self.{helper}(item_losses + penalty, mask)`), and use each "
-                "output once, unweighted."
+                f"{name} backpropagated a loss without an autograd graph: its per-item losses were computed under "
+                "torch.no_grad() or detached, so no gradient reaches the parameters. Compute them with gradients "
+                f"enabled before self.{helper}(...)."
             )
-        self._recorded = []
+        if problem is GraphProblem.ADDED_TERM:
+            raise RuntimeError(
+                f"{name} backpropagated a term that is not a self.{helper}(...) output (e.g. a regulariser added to "
+                "the loss), which the rescale would weight as if it were item losses. Put every term into the "
+                f"per-item losses (a penalty added to each item's loss averages to itself: "
+                f"`self.{helper}(item_losses + penalty, mask)`)."
+            )
+        if problem is GraphProblem.LEFT_OUT:
+            raise RuntimeError(
+                f"{name} computed {len(outputs)} self.{helper}(...) outputs with a graph since the last backward but "
+                "backpropagated only some of them. Backpropagate the plain sum of all of them, or compute the ones "
+                "you only log under torch.no_grad()."
+            )
 
     # ------------------------------------------------------------------ per optimizer step
 
@@ -319,7 +335,8 @@ class SampleCountRescaler(Callback):
     ) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         ends_epoch = pl_module.automatic_optimization and window_ends_epoch(trainer)
-        totals = self._engine.finish_window(params, self._run_state(pl_module), ends_epoch)
+        run = self._run_state(pl_module)
+        totals = self._engine.finish_window(params, run, ends_epoch, float(trainer.num_training_batches))
         self._window_finished = True
         if totals.empty:
             rank_zero_warn(

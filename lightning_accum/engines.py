@@ -12,6 +12,7 @@ verdict that packs every decision), then rescales the gradients in place where i
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,9 +25,13 @@ from lightning_accum.counting import count_dtype
 from lightning_accum.scaling import deferred_loss, lookahead_loss_factor, scale_gradients_, window_rescale_factor
 from lightning_accum.window import ItemWindow
 
-EMPTY, RANKS_DISAGREE, COUNT_MISMATCH, NOT_ALL_CARRIED = 1, 2, 4, 8
-"""Bits of a step's verdict: no item counted; ranks disagree on the epoch ending; look-ahead's count differs from
-the masks'; look-ahead counted micro-batches that no backward carried."""
+EMPTY, RANKS_DISAGREE, WEIGHTS_DIFFER, COUNT_MISMATCH, NOT_ALL_CARRIED = 1, 2, 4, 8, 16
+"""Bits of a step's verdict: no item counted; ranks disagree on the epoch ending; the window's sample_loss outputs
+were backpropagated with different weights; look-ahead's count differs from the masks'; look-ahead counted
+micro-batches that no backward carried."""
+
+WEIGHT_TOLERANCE = 1e-6
+"""Relative spread of the gradients reaching the outputs that still counts as one weight (float rounding)."""
 
 
 @dataclass(frozen=True)
@@ -61,7 +66,10 @@ class WindowTotals:
 class WeightingEngine(ABC):
     """The interface of both modes: ``micro_batch_loss`` per micro-batch, ``finish_window`` before the step."""
 
-    totals_size = 2  # each backward adds [loss sum, items] to the window
+    # Each backward adds [loss sum, items, outputs, sum of g, sum of g^2] to the window, g being the gradient that
+    # reaches a sample_loss output: equal for every output of the window (on every rank) when they are summed
+    # with one weight, which the step checks as n * sum(g^2) == sum(g)^2.
+    totals_size = 5
     resumes_mid_window = True  # a checkpoint inside a window can carry the window's totals and gradients
 
     def __init__(self) -> None:
@@ -89,16 +97,23 @@ class WeightingEngine(ABC):
     def micro_batch_loss(self, loss_sum: Tensor, items: Tensor, run: RunState) -> Tensor:
         """The loss to backpropagate for a micro-batch with this sum of counted item losses and item count."""
 
-    def finish_window(self, params: Sequence[torch.nn.Parameter], run: RunState, ends_epoch: bool) -> WindowTotals:
+    def finish_window(
+        self, params: Sequence[torch.nn.Parameter], run: RunState, ends_epoch: bool, epoch_batches: float
+    ) -> WindowTotals:
         """Before the optimizer step: reduce the window over ranks and make ``params``' gradients the item mean.
 
-        ``ends_epoch`` says whether this window ends the epoch on this rank; ranks that disagree would wait on
-        each other's next collective, so every rank raises instead. An empty window sets the gradients to
-        ``None`` (the optimizer then leaves parameters and state untouched).
+        ``ends_epoch`` says whether this window ends the epoch on this rank and ``epoch_batches`` how many
+        batches this rank's epoch has (``inf`` if unknown). Ranks whose epochs differ would wait on each other's
+        collectives at the epoch's end, so every rank raises instead, at the first step where it shows. An empty
+        window sets the gradients to ``None`` (the optimizer then leaves parameters and state untouched).
         """
         local = self._window.take(run.device, count_dtype(run.device))
-        flag = torch.full((1,), float(ends_epoch), dtype=local.dtype, device=local.device)
-        totals = run.reduce_sum(torch.cat([local, flag]))
+        known = math.isfinite(epoch_batches)
+        n = epoch_batches if known else 0.0
+        agreement = torch.empty(4, dtype=local.dtype, device=local.device)
+        for i, value in enumerate((float(ends_epoch), float(known), n, n * n)):
+            agreement[i] = value  # a fill with a host scalar: no host-to-device copy, so no synchronisation
+        totals = run.reduce_sum(torch.cat([local, agreement]))
         verdict = int(self._verdict(totals, run.world_size))  # the one host read per optimizer step
         self._raise_for(verdict, totals, run.world_size)
         if verdict & EMPTY:
@@ -109,26 +124,45 @@ class WeightingEngine(ABC):
             self._rescale(grads, totals, verdict, run)
         return WindowTotals(loss_sum=totals[0], items=totals[1], empty=bool(verdict & EMPTY))
 
-    def _carry(self, loss: Tensor, totals: Tensor) -> Tensor:
-        """Add ``totals`` to the window when (and each time) a backward pass reaches ``loss``."""
-        if loss.requires_grad:
-            loss.register_hook(lambda grad: self._window.add(totals))
+    def _carry(self, loss: Tensor, loss_sum: Tensor, items: Tensor, extra: Callable[[], list[Tensor]] = list) -> Tensor:
+        """Add the micro-batch's totals (and ``extra()``) to the window when, and each time, a backward reaches
+        ``loss``."""
+        if not loss.requires_grad:
+            return loss
+        counted = loss_sum.detach().to(items)
+
+        def carry(grad: Tensor) -> None:
+            g = grad.detach().to(items)
+            self._window.add(torch.stack([counted, items, torch.ones_like(g), g, g * g, *extra()]))
+
+        loss.register_hook(carry)
         return loss
 
     def _verdict(self, totals: Tensor, world_size: int) -> Tensor:
-        ranks_ending = totals[-1]
-        disagree = (ranks_ending != 0) & (ranks_ending != world_size)
-        return (totals[1] == 0).int() * EMPTY + disagree.int() * RANKS_DISAGREE
+        ranks_ending, ranks_known, n_sum, n_squares = totals[-4], totals[-3], totals[-2], totals[-1]
+        # Equal batch counts on every rank <=> R * sum(n^2) == sum(n)^2 (checked when every rank knows its count).
+        uneven = (ranks_known == world_size) & (world_size * n_squares != n_sum * n_sum)
+        disagree = ((ranks_ending != 0) & (ranks_ending != world_size)) | uneven
+        outputs, g_sum, g_squares = totals[2], totals[3], totals[4]
+        spread = (outputs * g_squares - g_sum * g_sum).abs() > WEIGHT_TOLERANCE * g_sum * g_sum
+        return (totals[1] == 0).int() * EMPTY + disagree.int() * RANKS_DISAGREE + spread.int() * WEIGHTS_DIFFER
 
     def _raise_for(self, verdict: int, totals: Tensor, world_size: int) -> None:
         """Raise the error that a verdict bit stands for."""
         if verdict & RANKS_DISAGREE:
             raise RuntimeError(
-                f"{int(totals[-1])} of {world_size} ranks ended their epoch at this optimizer step while the "
-                "others have more batches: the ranks ran different numbers of batches, and the next collective "
-                "would hang. Give every rank the same number of batches, e.g. with "
+                "The ranks ran different numbers of batches this epoch (their data loaders have different lengths, "
+                f"or {int(totals[-4])} of {world_size} ranks ended their epoch at this step): at the epoch's end one "
+                "rank would wait forever for the others. Give every rank the same number of batches, e.g. with "
                 "GlobalBatchLoader(dataset, GlobalBatchSampler(...)) and Trainer(use_distributed_sampler=False), "
                 "which pads short ranks with placeholder samples that count nothing."
+            )
+        if verdict & WEIGHTS_DIFFER:
+            raise RuntimeError(
+                "The sample_loss outputs of this window were backpropagated with different weights (e.g. "
+                "`2 * self.sample_loss(a) + self.sample_loss(b)`, or a factor that changes between micro-batches or "
+                "ranks), but SampleCountRescaler makes every counted item weigh the same. Backpropagate their plain "
+                "sum (a constant factor on the whole loss is fine); to weight items, weight the per-item losses."
             )
 
     @abstractmethod
@@ -156,7 +190,7 @@ class DeferredEngine(WeightingEngine):
         ...     losses = x @ w                          # one loss per sample
         ...     loss = engine.micro_batch_loss(losses.sum(), torch.tensor(float(len(x)), dtype=torch.float64), run)
         ...     (loss / 2).backward()                   # Lightning divides by K
-        >>> totals = engine.finish_window([w], run, ends_epoch=False)
+        >>> totals = engine.finish_window([w], run, ends_epoch=False, epoch_batches=2)
         >>> w.grad, totals.items                        # the mean over the 4 samples
         (tensor([4., 5.]), tensor(4., dtype=torch.float64))
     """
@@ -170,7 +204,7 @@ class DeferredEngine(WeightingEngine):
             # Once per run, on every rank at its first micro-batch, so that all ranks divide by the same constant.
             self._unit = run.reduce_mean(items.clone()).clamp_min(1.0)
         self._unit = self._unit.to(device=items.device, dtype=items.dtype)  # a checkpoint restores it on the CPU
-        return self._carry(deferred_loss(loss_sum, self._unit), torch.stack([loss_sum.detach().to(items), items]))
+        return self._carry(deferred_loss(loss_sum, self._unit), loss_sum, items)
 
     def _rescale(self, grads: list[Tensor], totals: Tensor, verdict: int, run: RunState) -> None:
         assert self._unit is not None, "a window with counted items had a micro-batch loss"
@@ -204,12 +238,12 @@ class LookaheadEngine(WeightingEngine):
         ...     engine.at_micro_batch(batch_idx, run.accumulate_grad_batches)
         ...     loss = engine.micro_batch_loss((x @ w).sum(), torch.tensor(float(len(x)), dtype=torch.float64), run)
         ...     (loss / 2).backward()
-        >>> totals = engine.finish_window([w], run, ends_epoch=False)
+        >>> totals = engine.finish_window([w], run, ends_epoch=False, epoch_batches=2)
         >>> w.grad
         tensor([4., 5.])
     """
 
-    totals_size = 3  # [loss sum, items, items that count_items counted in the same micro-batches]
+    totals_size = 6  # the base totals, then the items that count_items counted in the same micro-batches
     resumes_mid_window = False  # the window's look-ahead count cannot be rebuilt: refused at the resumed batch
 
     def reset(self) -> None:
@@ -255,21 +289,20 @@ class LookaheadEngine(WeightingEngine):
         loss = loss_sum * factor.to(device=loss_sum.device, dtype=loss_sum.dtype)
         offset = self._offset
         expected = self._counts[offset].to(items)
-        if not loss.requires_grad:
-            return loss
 
-        def carry(grad: Tensor) -> None:
+        def count_items_total() -> list[Tensor]:
             # A micro-batch's count_items total counts once, however many sample_loss outputs it backpropagates.
             first = offset not in self._carried
             self._carried.add(offset)
-            self._window.add(torch.stack([loss_sum.detach().to(items), items, expected * first]))
+            return [expected * first]
 
-        loss.register_hook(carry)
-        return loss
+        return self._carry(loss, loss_sum, items, count_items_total)
 
-    def finish_window(self, params: Sequence[torch.nn.Parameter], run: RunState, ends_epoch: bool) -> WindowTotals:
+    def finish_window(
+        self, params: Sequence[torch.nn.Parameter], run: RunState, ends_epoch: bool, epoch_batches: float
+    ) -> WindowTotals:
         try:
-            return super().finish_window(params, run, ends_epoch)
+            return super().finish_window(params, run, ends_epoch, epoch_batches)
         finally:
             # The window's count stays until the next window starts: a sample_loss after the step (logging in
             # on_train_batch_end) scales by it and, never backpropagated, counts nothing.
@@ -277,7 +310,7 @@ class LookaheadEngine(WeightingEngine):
 
     def _verdict(self, totals: Tensor, world_size: int) -> Tensor:
         assert self._window_items is not None, "finish_window follows start_window"
-        items, expected = totals[1], totals[2]
+        items, expected = totals[1], totals[5]  # then the 4 entries of the ranks' agreement
         mismatch = (items != expected).int() * COUNT_MISMATCH
         not_all_carried = (items != self._window_items.to(items)).int() * NOT_ALL_CARRIED
         return super()._verdict(totals, world_size) + mismatch + not_all_carried
@@ -286,7 +319,7 @@ class LookaheadEngine(WeightingEngine):
         super()._raise_for(verdict, totals, world_size)
         if verdict & COUNT_MISMATCH:
             raise RuntimeError(
-                f"count_items counted {float(totals[2]):g} items in the micro-batches of this window that were "
+                f"count_items counted {float(totals[5]):g} items in the micro-batches of this window that were "
                 f"backpropagated, but their sample_loss masks counted {float(totals[1]):g}. Make count_items(batch) "
                 "apply the same rule as the loss mask."
             )

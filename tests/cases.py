@@ -240,3 +240,9 @@ def expected_steps(n: int, e: int, seed: int, epoch: int, drop_last: bool = Fals
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     stop = n - n % e if drop_last else n
     return [sorted(order[s : min(s + e, stop)]) for s in range(0, stop, e)]
+
+
+def uneven_case(sizes: tuple[int, int], k: int) -> Case:
+    """Two ranks with different numbers of micro-batches (of 2 to 4 samples), K=k, two epochs."""
+    plan = [[make_micro_batch(2 + i % 3, seed=10 * r + i) for i in range(n)] for r, n in enumerate(sizes)]
+    return Case(plan=plan, accumulation=k, epochs=2)

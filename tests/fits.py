@@ -214,3 +214,13 @@ def fit_manual_net(case: Case, precision: str = "32-true", strategy: str = "auto
 def read_metrics(logger: CSVLogger) -> list[dict[str, str]]:
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         return list(csv.DictReader(f))
+
+
+class RecordException(pl.Callback):
+    """Writes the exception that ends a rank's fit to ``folder/rank<R>.txt``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        (self.folder / f"rank{trainer.global_rank}.txt").write_text(f"{type(exception).__name__}: {exception}")

@@ -61,7 +61,14 @@ class WeightedHeadsModule(ExactModule):
 class CountedButNotReturnedModule(ExactModule):
     def training_step(self, batch: MicroBatch, batch_idx: int) -> torch.Tensor:
         losses, mask = item_losses(self.net, batch)
-        self.sample_loss(losses.detach() + 1.0, mask)  # e.g. a second loss computed for logging
+        self.sample_loss(losses + 1.0, mask)  # a second loss, with a graph, that the user forgot to add
+        return self.sample_loss(losses, mask)
+
+
+class NoGradLossModule(ExactModule):
+    def training_step(self, batch: MicroBatch, batch_idx: int) -> torch.Tensor:
+        with torch.no_grad():
+            losses, mask = item_losses(self.net, batch)
         return self.sample_loss(losses, mask)
 
 
@@ -120,9 +127,6 @@ def test_sample_loss_outside_training_is_the_batch_item_mean() -> None:
     assert module.sample_loss(losses, mask=torch.tensor([[1, 1], [1, 0]])).item() == pytest.approx(2.0)
 
 
-LOSS_NOT_THE_SUM = r"more or less than the sum of its self.sample_loss.*item_losses \+ penalty"
-
-
 @pytest.mark.parametrize(
     ("module_class", "callback_kwargs", "trainer_kwargs", "error", "message"),
     [
@@ -131,16 +135,20 @@ LOSS_NOT_THE_SUM = r"more or less than the sum of its self.sample_loss.*item_los
         (WeightMaskModule, {}, {}, RuntimeError, "mask must be bool or hold only 0 and 1"),
         (MeanReturningModule, {}, {}, RuntimeError, r"did not come from self.sample_loss"),
         (ManualModule, {}, {}, RuntimeError, r"uses manual optimization: call `self.sample_backward\(losses, mask\)`"),
-        (RegularizedModule, {}, {"accumulate_grad_batches": 2}, RuntimeError, LOSS_NOT_THE_SUM),
-        (WeightedHeadsModule, {}, {"accumulate_grad_batches": 2}, RuntimeError, LOSS_NOT_THE_SUM),
-        (CountedButNotReturnedModule, {}, {"accumulate_grad_batches": 2}, RuntimeError, LOSS_NOT_THE_SUM),
+        (RegularizedModule, {}, {"accumulate_grad_batches": 2}, RuntimeError,
+         r"a term that is not a self.sample_loss\(...\) output.*item_losses \+ penalty"),
+        (WeightedHeadsModule, {}, {"accumulate_grad_batches": 2}, RuntimeError,
+         r"backpropagated with different weights.*`2 \* self.sample_loss\(a\) \+ self.sample_loss\(b\)`"),
+        (CountedButNotReturnedModule, {}, {"accumulate_grad_batches": 2}, RuntimeError,
+         r"computed 2 self.sample_loss\(...\) outputs with a graph.*only some of them.*torch.no_grad\(\)"),
+        (NoGradLossModule, {}, {}, RuntimeError, r"without an autograd graph.*torch.no_grad\(\) or detached"),
         (PerSampleCountModule, {"mode": "lookahead"}, {}, ValueError,
          r"one count for the whole batch.*got shape \(3,\).*mask.sum\(\)"),
         (StaleSamplerModule, {}, {"accumulate_grad_batches": 3}, ValueError,
          r"built for K=2 on 1 rank\(s\) as rank 0, but the Trainer runs K=3"),
     ],
     ids=["scalar_mean", "mask_shape", "mask_weights", "plain_mean", "manual", "loss_added", "loss_weighted",
-         "loss_left_out", "per_sample_counts", "sampler_split"],
+         "loss_left_out", "loss_without_graph", "per_sample_counts", "sampler_split"],
 )  # fmt: skip
 def test_misuse_in_the_module_fails_at_the_first_step(module_class, callback_kwargs, trainer_kwargs, error, message):
     with pytest.raises(error, match=message):

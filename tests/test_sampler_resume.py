@@ -97,6 +97,21 @@ class SaveAndStop(pl.Callback):
             trainer.should_stop = True
 
 
+class SaveInsideWindowAndStop(pl.Callback):
+    """After batch ``batch_idx`` of epoch 1 (inside a window of K=2): save ``path``, and a copy one batch earlier (a
+    step boundary) to ``boundary``, then stop."""
+
+    def __init__(self, path: Path, boundary: Path, batch_idx: int = 2) -> None:
+        self.path, self.boundary, self.batch_idx = path, boundary, batch_idx
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == 1 and batch_idx == self.batch_idx - 1:
+            trainer.save_checkpoint(self.boundary)
+        if trainer.current_epoch == 1 and batch_idx == self.batch_idx:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
 def trainer(ranks: int, callbacks: list[pl.Callback], mode: str = "deferred") -> pl.Trainer:
     return pl.Trainer(
         accelerator="cpu",
@@ -187,12 +202,31 @@ def test_plain_dataloader_resume_replays_the_start_of_the_epoch(tmp_path, uninte
     Single process, K=2, B=4: 7 micro-batches per epoch (3 windows of 2 x 4, then 1 sample). The checkpoint
     follows micro-batch 4 of epoch 1; the resumed Trainer runs batch_idx 4..6 on micro-batches 0..2 again.
     """
-    parameters, _ = fit_with_resume(tmp_path, ranks=1, num_workers=0, stateful=False)
+    with pytest.warns(
+        UserWarning, match=r"resumes inside an epoch, but its train DataLoader cannot.*GlobalBatchLoader"
+    ):
+        parameters, _ = fit_with_resume(tmp_path, ranks=1, num_workers=0, stateful=False)
     initial, final = uninterrupted
     replayed = [(0, 8), (8, 16), (0, 8), (8, 12)]  # trained, trained, replayed window 0, half of window 1
     replay_initial, replay_final = final_parameters([WHOLE_EPOCH, replayed, WHOLE_EPOCH])
     assert relative_distance(parameters, replay_final, replay_initial) < 1e-5
     assert measured(relative_distance(parameters, final, initial)) > 1e-2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_checkpoint_inside_a_window_resumes_exactly(tmp_path, uninterrupted, measured, ranks: int) -> None:
+    # K=2: batch 2 of epoch 1 is the first micro-batch of a window. Lightning keeps no accumulated gradient; the
+    # rescaler's state carries every rank's partial gradient and counts, and only in a checkpoint inside a window.
+    stop = SaveInsideWindowAndStop(tmp_path / "inside.ckpt", tmp_path / "boundary.ckpt")
+    trainer(ranks, [stop]).fit(ResumableModule(ranks, num_workers=0))
+    resumed = ResumableModule(ranks, num_workers=0)
+    trainer(ranks, []).fit(resumed, ckpt_path=stop.path)
+    initial, final = uninterrupted
+    assert measured(relative_distance(flat_parameters(resumed.net), final, initial)) < 1e-5
+    gradient_bytes = ranks * sum(p.numel() for p in make_net().parameters()) * 4  # float32, every rank's
+    extra = stop.path.stat().st_size - stop.boundary.stat().st_size
+    assert gradient_bytes <= measured(extra, "extra checkpoint bytes") < gradient_bytes + 4096
 
 
 def test_global_batch_loader_refuses_another_split_and_other_samplers() -> None:
