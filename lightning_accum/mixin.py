@@ -45,7 +45,12 @@ class SampleCountMixin:
     def sample_loss(self, losses: Tensor, mask: Tensor | None = None) -> Tensor:
         """Return the loss that ``training_step`` returns for these per-item ``losses``.
 
-        Return it as is, or the plain sum of several such outputs; anything else is refused at backward.
+        Return it as is, or a plain sum of several such outputs (any spelling, times one overall factor); an
+        added term, outputs weighted against each other, or an output with a graph left out of the backward is
+        refused. Several outputs pool into one item mean over the union of their items:
+        ``sample_loss(a) + sample_loss(b)`` is not ``mean(a) + mean(b)``; when both score the same items,
+        ``sample_loss(loss_a + loss_b, mask)`` is. Items count when a backward pass carries the output, so
+        an output that is only logged (or skipped with ``return None``) counts nothing.
         Under DDP every rank calls it in every ``training_step``: the run's first call all-reduces once,
         and a rank that skipped it would leave the others waiting.
 
