@@ -1,0 +1,48 @@
+"""The wheel holds the library and its Hydra-free demos; importing every module it installs needs no extra."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Packages of the app, dev and docs extras; `pip install lightning-accum` brings none of them.
+EXTRAS_ONLY = ("hydra", "omegaconf", "hydra_plugins", "optuna", "submitit", "sklearn", "matplotlib", "tensorboard")
+
+IMPORT_ALL = """
+import importlib, sys, zipfile
+import lightning.pytorch, torch, torchmetrics  # what the core dependencies import by themselves
+before = set(sys.modules)
+sys.path.insert(0, sys.argv[1])  # the wheel itself, zip-imported
+names = [n[:-3].replace("/", ".").removesuffix(".__init__") for n in zipfile.ZipFile(sys.argv[1]).namelist()
+         if n.endswith(".py")]
+for name in names:
+    module = importlib.import_module(name)
+    assert module.__file__.startswith(sys.argv[1]), module.__file__
+added = {name.split(".")[0] for name in set(sys.modules) - before}
+print(len(names), " ".join(sorted(added & set(sys.argv[2].split(",")))))
+"""
+
+
+@pytest.mark.slow
+def test_wheel_holds_the_library_and_demos_and_imports_without_extras(tmp_path: Path) -> None:
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    subprocess.run([*build, str(ROOT)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("lightning_accum-*.whl")
+    files = [name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")]
+    assert {"lightning_accum/callback.py", "lightning_accum/demos/models.py"} <= set(files)
+    assert all(name.startswith("lightning_accum/") for name in files), files  # no app, no tests, no scripts
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_ALL, str(wheel), ",".join(EXTRAS_ONLY)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported, *extras = proc.stdout.split()
+    assert int(imported) == len(files)
+    assert extras == [], f"importing the package pulls in extras: {extras}"
