@@ -11,10 +11,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.autograd.graph import Node
-from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.hooks import RemovableHandle
 
 from lightning_accum.counting import count_dtype, masked_sum_and_count
+from lightning_accum.data_checks import warn_about_repeated_samples, warn_unless_loaders_resume
 from lightning_accum.engines import DeferredEngine, LookaheadEngine, RunState, WeightingEngine, WindowTotals
 from lightning_accum.graph import GraphProblem, backward_problem
 from lightning_accum.lightning_internals import (
@@ -182,9 +182,9 @@ class SampleCountRescaler(Callback):
         self._trainer = trainer
         self._params = [p for group in optimizer.param_groups for p in group["params"]]
         self._step_hook = optimizer.register_step_post_hook(self._require_window_finished)
-        self._warn_about_repeated_samples(trainer)
+        warn_about_repeated_samples(trainer.train_dataloader)
         if resumed_mid_epoch(trainer):
-            self._warn_unless_loaders_resume(trainer)
+            warn_unless_loaders_resume(trainer.train_dataloader)
         if self._restored_window is not None:
             window, self._restored_window = self._restored_window, None
             restore_partial_window(window, trainer, self._engine, self._params)
@@ -207,36 +207,6 @@ class SampleCountRescaler(Callback):
     def _hooks_active(self) -> bool:
         """False while Lightning's Tuner runs the fit loop with its own callbacks in place of this one."""
         return self._trainer is not None and self._batch_token == batch_token(self._trainer)
-
-    def _warn_about_repeated_samples(self, trainer: pl.Trainer) -> None:
-        loader = trainer.train_dataloader
-        sampler = getattr(loader, "sampler", None) if isinstance(loader, DataLoader) else None
-        if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
-            return
-        size = len(sampler.dataset)  # type: ignore[arg-type]
-        repeated = sampler.total_size - size
-        if repeated > 0:
-            rank_zero_warn(
-                f"The DistributedSampler repeats {repeated} of the {size} training samples every epoch, to give "
-                f"{sampler.num_replicas} ranks equal shares, and SampleCountRescaler counts each repeat as an item. "
-                "For an epoch of every sample once, use GlobalBatchLoader(dataset, GlobalBatchSampler(...)) with "
-                "Trainer(use_distributed_sampler=False), or a dataset size that is a multiple of "
-                f"{sampler.num_replicas}.",
-                category=UserWarning,
-            )
-
-    def _warn_unless_loaders_resume(self, trainer: pl.Trainer) -> None:
-        loader = trainer.train_dataloader
-        loaders = loader if isinstance(loader, list | tuple) else [loader]
-        if all(hasattr(item, "state_dict") and hasattr(item, "load_state_dict") for item in loaders):
-            return
-        rank_zero_warn(
-            "This fit resumes inside an epoch, but its train DataLoader cannot resume there: Lightning starts the "
-            "epoch's data over while it counts on from the saved batch, so samples are trained twice and others "
-            "not at all. Use GlobalBatchLoader(dataset, GlobalBatchSampler(...)), which Lightning resumes at the "
-            "next unseen micro-batch, or resume from a checkpoint at an epoch's end.",
-            category=UserWarning,
-        )
 
     def _run_state(self, pl_module: pl.LightningModule) -> RunState:
         trainer = pl_module.trainer

@@ -71,7 +71,18 @@ def test_no_host_reads_that_the_dispatch_mode_cannot_see() -> None:
     # .tolist(), .numpy() and .cpu() read or copy on the host without reaching the dispatcher on CPU.
     # These modules handle device tensors per step (the sampler only draws host-side indices; resume.py copies
     # to the host when a checkpoint is saved).
-    for name in ("callback", "engines", "mixin", "counting", "scaling", "window", "lookahead", "metrics", "support"):
+    for name in (
+        "callback",
+        "engines",
+        "mixin",
+        "counting",
+        "scaling",
+        "window",
+        "lookahead",
+        "metrics",
+        "support",
+        "data_checks",
+    ):
         source = Path(PACKAGE, f"{name}.py")
         text = source.read_text()
         for call in (".tolist(", ".numpy(", ".cpu("):

@@ -1,0 +1,54 @@
+"""Train data that would silently change what the windows count: reported once, at train start, with the fix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import DataLoader, DistributedSampler
+
+
+def repeated_samples(loader: Any) -> tuple[int, int, int] | None:
+    """``(repeated, dataset size, ranks)`` when ``loader``'s ``DistributedSampler`` pads its shards with repeats.
+
+    Example::
+
+        >>> sampler = DistributedSampler(range(7), num_replicas=2, rank=0, shuffle=False)
+        >>> repeated_samples(DataLoader(range(7), sampler=sampler))
+        (1, 7, 2)
+    """
+    sampler = loader.sampler if isinstance(loader, DataLoader) else None
+    if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        return None
+    size = len(sampler.dataset)  # type: ignore[arg-type]
+    repeated = sampler.total_size - size
+    return (repeated, size, sampler.num_replicas) if repeated > 0 else None
+
+
+def warn_about_repeated_samples(loader: Any) -> None:
+    """Warn (rank 0) when the train loader's ``DistributedSampler`` repeats samples, which then count twice."""
+    found = repeated_samples(loader)
+    if found is None:
+        return
+    repeated, size, ranks = found
+    rank_zero_warn(
+        f"The DistributedSampler repeats {repeated} of the {size} training samples every epoch, to give {ranks} "
+        "ranks equal shares, and SampleCountRescaler counts each repeat as an item. For an epoch of every sample "
+        "once, use GlobalBatchLoader(dataset, GlobalBatchSampler(...)) with Trainer(use_distributed_sampler=False), "
+        f"or a dataset size that is a multiple of {ranks}.",
+        category=UserWarning,
+    )
+
+
+def warn_unless_loaders_resume(loader: Any) -> None:
+    """Warn (rank 0) that a fit resumed inside an epoch replays it, unless every train loader is resumable."""
+    loaders = loader if isinstance(loader, list | tuple) else [loader]
+    if all(hasattr(item, "state_dict") and hasattr(item, "load_state_dict") for item in loaders):
+        return
+    rank_zero_warn(
+        "This fit resumes inside an epoch, but its train DataLoader cannot resume there: Lightning starts the "
+        "epoch's data over while it counts on from the saved batch, so samples are trained twice and others not "
+        "at all. Use GlobalBatchLoader(dataset, GlobalBatchSampler(...)), which Lightning resumes at the next "
+        "unseen micro-batch, or resume from a checkpoint at an epoch's end.",
+        category=UserWarning,
+    )
