@@ -84,6 +84,12 @@ def require_supported_strategy(strategy: Strategy) -> None:
             "ModelParallelStrategy(data_parallel_size=<number of devices>, tensor_parallel_size=1) with fully_shard "
             "over device_mesh['data_parallel']."
         )
+    sharding = getattr(getattr(strategy, "sharding_strategy", None), "name", "")
+    if "HYBRID" in sharding:
+        raise RuntimeError(
+            f"SampleCountRescaler is not verified with FSDP's {sharding} (gradients averaged in two stages over "
+            "two process groups). Use sharding_strategy='FULL_SHARD', 'SHARD_GRAD_OP' or 'NO_SHARD'."
+        )
     precision = getattr(strategy.precision_plugin, "precision", None)
     if precision not in SHARDED_PRECISIONS:
         raise RuntimeError(

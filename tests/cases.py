@@ -20,7 +20,7 @@ from reference import (
     split_into_windows,
     train_reference,
 )
-from torch import nn
+from torch import Tensor, nn
 
 FEATURES, HIDDEN, CLASSES = 5, 8, 3
 
@@ -167,12 +167,19 @@ def reference_distance(
 ) -> float:
     """Relative distance of ``net`` to the float32 reference over ``windows`` (default: the case's windows);
     windows in ``skip_windows`` make no step."""
+    return flat_reference_distance(case, flat_parameters(net), skip_windows, windows)
+
+
+def flat_reference_distance(
+    case: Case, parameters: Tensor, skip_windows: tuple[int, ...] = (), windows: list[list[MicroBatch]] | None = None
+) -> float:
+    """``reference_distance`` of flat final parameters (as gathered from sharded or remote ranks)."""
     windows = case.reference_windows() if windows is None else windows
     windows = [[] if i in skip_windows else w for i, w in enumerate(windows)]
     reference = train_reference(
         make_net(), windows, make_optimizer(case.optimizer, case.lr), case.clip_norm, case.clip_value
     ).parameters
-    return relative_distance(flat_parameters(net).float(), reference, flat_parameters(make_net()))
+    return relative_distance(parameters.float().cpu(), reference, flat_parameters(make_net()))
 
 
 def masked_out(batch: MicroBatch) -> MicroBatch:
