@@ -131,14 +131,21 @@ def module_for(version: str, kind: str, case: Case) -> pl.LightningModule:
 
 
 def fit_sharded(
-    version: str, device: str, case: Case, kind: str, precision: str, mode: str, keep_process_group: bool = True
+    version: str,
+    device: str,
+    case: Case,
+    kind: str,
+    precision: str,
+    mode: str,
+    keep_process_group: bool = True,
+    **fsdp_kwargs,
 ) -> torch.Tensor:
     """Fit ``case`` (one rank per entry of ``case.plan``) under FSDP ``version``; the final full parameters."""
     ranks = len(case.plan)
     gather = GatherParameters()
     callbacks: list[pl.Callback] = [gather] if kind == "naive" else [SampleCountRescaler(mode=mode), gather]
     clip = {"gradient_clip_val": None} if version == "fsdp1" else {}  # FSDP1 clips in configure_gradient_clipping
-    fit(case, module_for(version, kind, case), callbacks, make_strategy(version, device, ranks), ranks,
+    fit(case, module_for(version, kind, case), callbacks, make_strategy(version, device, ranks, **fsdp_kwargs), ranks,
         precision=precision, accelerator=device, keep_process_group=keep_process_group, **clip)  # fmt: skip
     assert gather.parameters is not None
     return gather.parameters
@@ -165,6 +172,11 @@ if __name__ == "__main__":
     results: dict[str, object] = {}
     for label, case_fn, kind, precision, mode in FITS:
         results[label] = fit_sharded(version, device, case_fn(), kind, precision, mode)
+    if version == "fsdp1":  # FSDP1's other sharding strategies that the rescaler accepts
+        for sharding in ("SHARD_GRAD_OP", "NO_SHARD"):
+            parameters = fit_sharded(version, device, masked_ranks_case(), "exact", "32-true", "deferred",
+                                     sharding_strategy=sharding)  # fmt: skip
+            results[f"masked_ranks 32-true deferred {sharding}"] = parameters
     results["refused"] = refused_mid_window_checkpoint(version, device, out.parent)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # one process group served every fit (see keep_process_group)

@@ -53,6 +53,19 @@ def test_sharded_gradients_match_the_reference(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sharding", ["SHARD_GRAD_OP", "NO_SHARD"])
+def test_fsdp1_other_sharding_strategies_match_the_reference(
+    sharded_fits: tuple[str, dict], sharding: str, measured
+) -> None:
+    version, results = sharded_fits
+    if version != "fsdp1":
+        pytest.skip("FSDP1's sharding strategies")
+    case = masked_ranks_case()
+    distance = flat_reference_distance(case, results[f"masked_ranks 32-true deferred {sharding}"])
+    assert measured(distance, sharding) <= tolerance("32-true", case)
+
+
+@pytest.mark.slow
 def test_naive_fsdp_is_far_from_the_reference(sharded_fits: tuple[str, dict], measured) -> None:
     version, results = sharded_fits
     distance = flat_reference_distance(masked_ranks_case(), results["masked_ranks 32-true naive"])
@@ -82,3 +95,8 @@ def test_tensor_parallelism_fails_with_the_fix() -> None:
     strategy = ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
     with pytest.raises(RuntimeError, match=r"tensor_parallel_size=2.*tensor_parallel_size=1"):
         require_supported_strategy(strategy)
+
+
+def test_hybrid_sharding_fails_with_the_fix() -> None:
+    with pytest.raises(RuntimeError, match=r"HYBRID_SHARD.*'FULL_SHARD'"):
+        require_supported_strategy(FSDPStrategy(sharding_strategy="HYBRID_SHARD", auto_wrap_policy={torch.nn.Linear}))
