@@ -253,3 +253,8 @@ def uneven_case(sizes: tuple[int, int], k: int) -> Case:
     """Two ranks with different numbers of micro-batches (of 2 to 4 samples), K=k, two epochs."""
     plan = [[make_micro_batch(2 + i % 3, seed=10 * r + i) for i in range(n)] for r, n in enumerate(sizes)]
     return Case(plan=plan, accumulation=k, epochs=2)
+
+
+def partial_window_ranks_case() -> Case:
+    """Two ranks of 5 micro-batches (2 to 4 samples), K=3: each epoch ends with a window of 2 micro-batches."""
+    return uneven_case((5, 5), 3)

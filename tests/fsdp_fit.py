@@ -4,8 +4,7 @@ Usage: python tests/fsdp_fit.py fsdp1|fsdp2 OUT.pt [DEVICE]  -- rank 0 saves a d
 of ``FITS`` its label and the full final parameters (gathered on every rank), plus under "refused" the error
 that a checkpoint inside a window raised. Lightning re-launches this script for rank 1 (as for
 strategy="ddp"); every rank runs the same fits in the same order, so one launch and one process group serve
-them all. DEVICE is
-"cpu" (gloo, the CI) or "cuda" (the GPU suite: 2 ranks need 2 GPUs with NCCL).
+them all. DEVICE is "cpu" (gloo, the CI) or "cuda" (the GPU suite: 2 ranks need 2 GPUs with NCCL).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from cases import Case, make_net, masked_ranks_case, uneven_ranks_case
+from cases import Case, make_net, masked_ranks_case, partial_window_ranks_case, uneven_ranks_case
 from fits import CountingModule, NaiveModule, fit
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
@@ -30,6 +29,8 @@ FITS = [
     ("masked_ranks bf16-mixed deferred", masked_ranks_case, "exact", "bf16-mixed", "deferred"),
     ("masked_ranks bf16-mixed lookahead", masked_ranks_case, "exact", "bf16-mixed", "lookahead"),
     ("uneven_ranks 32-true deferred", uneven_ranks_case, "exact", "32-true", "deferred"),
+    ("partial_window 32-true deferred", partial_window_ranks_case, "exact", "32-true", "deferred"),
+    ("partial_window 32-true lookahead", partial_window_ranks_case, "exact", "32-true", "lookahead"),
     ("masked_ranks 32-true naive", masked_ranks_case, "naive", "32-true", "deferred"),
 ]
 

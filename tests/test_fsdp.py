@@ -2,8 +2,9 @@
 ``fully_shard``), 2 ranks on gloo, both modes, 32-true and bf16-mixed, against the plain-PyTorch reference.
 
 One script run per FSDP version (``fsdp_fit.py``) fits every case and saves the final full parameters; the
-tests below share it. The cases are the DDP ones: uneven micro-batches and ranks, a partial last window, token
-masks with an empty micro-batch, an empty rank share and an empty window, AdamW and clipping by norm.
+tests below share it. The cases: uneven micro-batches and ranks (``uneven_ranks``), a partial last window
+(``partial_window``), token masks with an empty micro-batch, an empty rank share and an empty window, AdamW and
+clipping by norm (``masked_ranks``).
 """
 
 from __future__ import annotations
@@ -14,19 +15,32 @@ from pathlib import Path
 
 import pytest
 import torch
-from cases import NAIVE_MINIMUM, flat_reference_distance, masked_ranks_case, tolerance, uneven_ranks_case
+from cases import (
+    NAIVE_MINIMUM,
+    flat_reference_distance,
+    masked_ranks_case,
+    partial_window_ranks_case,
+    tolerance,
+    uneven_ranks_case,
+)
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 from lightning_accum.support import require_supported_strategy
 
-CASES = {"masked_ranks": masked_ranks_case, "uneven_ranks": uneven_ranks_case}
+CASES = {
+    "masked_ranks": masked_ranks_case,
+    "uneven_ranks": uneven_ranks_case,
+    "partial_window": partial_window_ranks_case,
+}
 EXACT_FITS = [
     ("masked_ranks", "32-true", "deferred"),
     ("masked_ranks", "32-true", "lookahead"),
     ("masked_ranks", "bf16-mixed", "deferred"),
     ("masked_ranks", "bf16-mixed", "lookahead"),
     ("uneven_ranks", "32-true", "deferred"),
+    ("partial_window", "32-true", "deferred"),
+    ("partial_window", "32-true", "lookahead"),
 ]
 
 
