@@ -258,3 +258,11 @@ def uneven_case(sizes: tuple[int, int], k: int) -> Case:
 def partial_window_ranks_case() -> Case:
     """Two ranks of 5 micro-batches (2 to 4 samples), K=3: each epoch ends with a window of 2 micro-batches."""
     return uneven_case((5, 5), 3)
+
+
+def clipped_ranks_case() -> Case:
+    """``masked_ranks_case`` clipped at a norm of 0.37, between the reference's step gradient norms (0.35 to
+    0.54): some steps clip and others do not, so clipping a gradient of the wrong scale shows."""
+    case = masked_ranks_case()
+    case.clip_norm = 0.37
+    return case

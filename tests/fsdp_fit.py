@@ -15,7 +15,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from cases import Case, make_net, masked_ranks_case, partial_window_ranks_case, uneven_ranks_case
+from cases import Case, clipped_ranks_case, make_net, masked_ranks_case, partial_window_ranks_case, uneven_ranks_case
 from fits import CountingModule, NaiveModule, fit
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
@@ -31,6 +31,8 @@ FITS = [
     ("uneven_ranks 32-true deferred", uneven_ranks_case, "exact", "32-true", "deferred"),
     ("partial_window 32-true deferred", partial_window_ranks_case, "exact", "32-true", "deferred"),
     ("partial_window 32-true lookahead", partial_window_ranks_case, "exact", "32-true", "lookahead"),
+    ("clipped_ranks 32-true deferred", clipped_ranks_case, "exact", "32-true", "deferred"),
+    ("clipped_ranks 32-true lookahead", clipped_ranks_case, "exact", "32-true", "lookahead"),
     ("masked_ranks 32-true naive", masked_ranks_case, "naive", "32-true", "deferred"),
 ]
 

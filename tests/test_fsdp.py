@@ -4,7 +4,7 @@
 One script run per FSDP version (``fsdp_fit.py``) fits every case and saves the final full parameters; the
 tests below share it. The cases: uneven micro-batches and ranks (``uneven_ranks``), a partial last window
 (``partial_window``), token masks with an empty micro-batch, an empty rank share and an empty window, AdamW and
-clipping by norm (``masked_ranks``).
+clipping by norm (``masked_ranks``; ``clipped_ranks`` clips at a norm that some steps exceed and others not).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 import torch
 from cases import (
     NAIVE_MINIMUM,
+    clipped_ranks_case,
     flat_reference_distance,
     masked_ranks_case,
     partial_window_ranks_case,
@@ -32,6 +33,7 @@ CASES = {
     "masked_ranks": masked_ranks_case,
     "uneven_ranks": uneven_ranks_case,
     "partial_window": partial_window_ranks_case,
+    "clipped_ranks": clipped_ranks_case,
 }
 EXACT_FITS = [
     ("masked_ranks", "32-true", "deferred"),
@@ -41,6 +43,8 @@ EXACT_FITS = [
     ("uneven_ranks", "32-true", "deferred"),
     ("partial_window", "32-true", "deferred"),
     ("partial_window", "32-true", "lookahead"),
+    ("clipped_ranks", "32-true", "deferred"),
+    ("clipped_ranks", "32-true", "lookahead"),
 ]
 
 

@@ -24,6 +24,7 @@ from cases import (
     EXACT_TOLERANCE,
     NAIVE_MINIMUM,
     Case,
+    clipped_ranks_case,
     empty_windows_case,
     flat_reference_distance,
     last_batch_smaller_case,
@@ -193,6 +194,7 @@ def test_fsdp_two_ranks_on_two_gpus(version: str, tmp_path: Path, measured) -> N
         "masked_ranks": masked_ranks_case(),
         "uneven_ranks": uneven_ranks_case(),
         "partial_window": partial_window_ranks_case(),
+        "clipped_ranks": clipped_ranks_case(),
     }
     for label, parameters in results.items():
         if label == "refused":
