@@ -8,6 +8,7 @@ that lacks a part fails before training instead of training wrong:
 - the optimizer step ends the epoch on this rank when the epoch loop's ``_num_ready_batches_reached()``;
 - ``GlobalBatchLoader`` relies on Lightning saving and restoring the state of a ``_Stateful`` train loader
   (``CombinedLoader._state_dicts`` / ``_load_state_dicts``);
+- under ``ModelParallelStrategy`` the rescaler refuses tensor parallelism, read from ``_tensor_parallel_size``;
 - the rescaler tells whether its own hooks run for the current batch (Lightning's Tuner swaps the callbacks
   out) from the epoch loop's batch counter, and whether a fit resumed mid-epoch from ``restarted_mid_epoch``.
 """
@@ -131,3 +132,29 @@ def require_stateful_loader_support(loader: DataLoader) -> None:
         missing.append("recognition as _Stateful")
     if missing:
         raise RuntimeError(_missing_message("GlobalBatchLoader", missing, fix))
+
+
+def tensor_parallel_size(strategy: Any) -> int:
+    """The tensor-parallel size of a ``ModelParallelStrategy`` (its ``_tensor_parallel_size``, resolved from
+    ``"auto"`` in ``setup_environment``); 1 for any other strategy.
+
+    Example::
+
+        >>> from lightning.pytorch.strategies import ModelParallelStrategy
+        >>> tensor_parallel_size(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+        1
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    if not isinstance(strategy, ModelParallelStrategy):
+        return 1
+    size = getattr(strategy, "_tensor_parallel_size", None)
+    if not isinstance(size, int):
+        raise RuntimeError(
+            _missing_message(
+                "SampleCountRescaler under ModelParallelStrategy",
+                ["a resolved ModelParallelStrategy._tensor_parallel_size"],
+                f"Install {SUPPORTED}, and set ModelParallelStrategy(tensor_parallel_size=1) explicitly.",
+            )
+        )
+    return size

@@ -64,10 +64,11 @@ def as_count(count: Any, device: torch.device, dtype: torch.dtype) -> Tensor:
         ...
         ValueError: count_items(batch) must return one count for the whole batch ... got shape (2,)...
     """
-    tensor = torch.as_tensor(count, device=device)
+    tensor = torch.as_tensor(count)  # where it is: a count of a batch not yet moved to the device is on the host
     if tensor.numel() != 1:
         raise ValueError(
             "count_items(batch) must return one count for the whole batch (a number or a 0-dim tensor), got shape "
             f"{tuple(tensor.shape)}. Sum the per-sample counts, e.g. `mask.sum()`."
         )
-    return tensor.to(dtype).reshape(())
+    # non_blocking: a blocking host-to-device copy waits for the device (a synchronisation per window on a GPU)
+    return tensor.reshape(()).to(device=device, dtype=dtype, non_blocking=True)

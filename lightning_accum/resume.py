@@ -5,7 +5,8 @@ a gradient that lacks the window's first micro-batches. When a checkpoint lands 
 mode), every rank's window totals and flat partial gradients are gathered into the rescaler's state (one
 all-reduce to agree, then two all-gathers, at checkpoint time only); the resumed fit puts each rank's share
 back before its first batch. At step boundaries nothing is added. The cost is the gradients' size times the
-number of ranks, in the checkpoint.
+number of ranks, in the checkpoint. Under FSDP (gradients sharded over the ranks) a checkpoint inside a window is
+refused: save checkpoints at step boundaries there.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import Tensor
 
 from lightning_accum.counting import count_dtype
 from lightning_accum.engines import WeightingEngine
+from lightning_accum.support import shards_gradients
 
 
 def gather_partial_window(
@@ -36,6 +38,12 @@ def gather_partial_window(
     inside = strategy.reduce(torch.full((), float(local is not None), device=device), reduce_op="sum")
     if not float(inside):
         return None
+    if shards_gradients(strategy):  # every rank raises: they all saw the same all-reduced flag
+        raise RuntimeError(
+            f"SampleCountRescaler cannot save a checkpoint inside an accumulation window under "
+            f"{type(strategy).__name__}: the window's partial gradients are sharded over the ranks. Save checkpoints "
+            "at optimizer-step boundaries, e.g. ModelCheckpoint(every_n_train_steps=...) or at epoch ends."
+        )
     totals = torch.zeros(engine.totals_size, dtype=count_dtype(device), device=device) if local is None else local
     grad_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     grads = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])

@@ -1,21 +1,63 @@
-"""Which strategies and precision plugins the rescaler is verified with; everything else fails at setup."""
+"""Which strategies and precision plugins the rescaler is verified with; everything else fails at setup.
+
+Sharded data parallelism is verified with ``FSDPStrategy`` (FSDP1) and ``ModelParallelStrategy`` (FSDP2,
+``fully_shard`` over the data-parallel mesh, ``tensor_parallel_size=1``), at ``precision="32-true"`` and
+``"bf16-mixed"``. Every data-parallel strategy here averages gradients over all ranks, so the ``R`` of the
+rescale factor is ``trainer.world_size``, and ``trainer.strategy.reduce`` sums the counts over the same ranks.
+"""
 
 from __future__ import annotations
 
-from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
+from lightning.pytorch.plugins.precision import (
+    DoublePrecision,
+    FSDPPrecision,
+    HalfPrecision,
+    MixedPrecision,
+    Precision,
+)
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
     SingleDeviceStrategy,
     SingleDeviceXLAStrategy,
     Strategy,
     XLAStrategy,
 )
 
-SUPPORTED_STRATEGIES: tuple[type[Strategy], ...] = (SingleDeviceStrategy, DDPStrategy)
+from lightning_accum.lightning_internals import tensor_parallel_size
+
+SHARDED_STRATEGIES: tuple[type[Strategy], ...] = (FSDPStrategy, ModelParallelStrategy)
+SUPPORTED_STRATEGIES: tuple[type[Strategy], ...] = (SingleDeviceStrategy, DDPStrategy, *SHARDED_STRATEGIES)
 # Subclasses of the above that own the optimizer step or run elsewhere; none is verified.
 UNVERIFIED_SUBCLASSES: tuple[type[Strategy], ...] = (DeepSpeedStrategy, XLAStrategy, SingleDeviceXLAStrategy)
-SUPPORTED_PRECISIONS: tuple[type[Precision], ...] = (Precision, DoublePrecision, MixedPrecision, HalfPrecision)
+SUPPORTED_PRECISIONS: tuple[type[Precision], ...] = (
+    Precision,
+    DoublePrecision,
+    MixedPrecision,
+    HalfPrecision,
+    FSDPPrecision,
+)
+SHARDED_PRECISIONS = ("32-true", "bf16-mixed")  # verified under the sharded strategies
+
+WHAT_WORKS = (
+    "a single device, strategy='ddp' / 'ddp_spawn' (either mode, any precision), FSDPStrategy or "
+    "ModelParallelStrategy(tensor_parallel_size=1) with fully_shard (either mode, precision='32-true' or "
+    "'bf16-mixed')"
+)
+
+
+def shards_gradients(strategy: Strategy) -> bool:
+    """True under FSDP (either version): each rank holds a shard of every gradient, not the whole of it.
+
+    Example::
+
+        >>> from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+        >>> shards_gradients(FSDPStrategy()), shards_gradients(SingleDeviceStrategy("cpu"))
+        (True, False)
+    """
+    return isinstance(strategy, SHARDED_STRATEGIES)
 
 
 def require_supported_strategy(strategy: Strategy) -> None:
@@ -26,16 +68,38 @@ def require_supported_strategy(strategy: Strategy) -> None:
         >>> from lightning.pytorch.strategies import SingleDeviceStrategy
         >>> require_supported_strategy(SingleDeviceStrategy("cpu"))
     """
+    name = type(strategy).__name__
     if not isinstance(strategy, SUPPORTED_STRATEGIES) or isinstance(strategy, UNVERIFIED_SUBCLASSES):
         raise RuntimeError(
-            f"SampleCountRescaler does not support the {type(strategy).__name__} strategy yet: it must "
-            "see the summed gradients before the optimizer step, and is only verified where it does. Use a "
-            "single device or strategy='ddp' / 'ddp_spawn' (either mode, any precision)."
+            f"SampleCountRescaler does not support the {name} strategy yet: it must see the summed gradients "
+            f"before the optimizer step, and is only verified where it does. Use {WHAT_WORKS}."
+        )
+    if not shards_gradients(strategy):
+        return
+    tensor_parallel = tensor_parallel_size(strategy)
+    if tensor_parallel != 1:
+        raise RuntimeError(
+            f"SampleCountRescaler is not verified with tensor parallelism ({name} with tensor_parallel_size="
+            f"{tensor_parallel}): ranks of a tensor-parallel group see the same items. Use "
+            "ModelParallelStrategy(data_parallel_size=<number of devices>, tensor_parallel_size=1) with fully_shard "
+            "over device_mesh['data_parallel']."
+        )
+    sharding = getattr(getattr(strategy, "sharding_strategy", None), "name", "")
+    if "HYBRID" in sharding:
+        raise RuntimeError(
+            f"SampleCountRescaler is not verified with FSDP's {sharding} (gradients averaged in two stages over "
+            "two process groups). Use sharding_strategy='FULL_SHARD', 'SHARD_GRAD_OP' or 'NO_SHARD'."
+        )
+    precision = getattr(strategy.precision_plugin, "precision", None)
+    if precision not in SHARDED_PRECISIONS:
+        raise RuntimeError(
+            f"SampleCountRescaler is not verified with {name} at precision={precision!r}. Use precision='32-true' "
+            "or 'bf16-mixed' with it, or strategy='ddp' for the other precisions."
         )
 
 
 def require_supported_precision(plugin: Precision) -> None:
-    """Raise unless ``plugin`` is one of Lightning's 64/32-true, 16/bf16-mixed or 16/bf16-true plugins.
+    """Raise unless ``plugin`` is one of Lightning's 64/32-true, 16/bf16-mixed, 16/bf16-true or FSDP plugins.
 
     Example::
 

@@ -20,7 +20,7 @@ from reference import (
     split_into_windows,
     train_reference,
 )
-from torch import nn
+from torch import Tensor, nn
 
 FEATURES, HIDDEN, CLASSES = 5, 8, 3
 
@@ -167,12 +167,19 @@ def reference_distance(
 ) -> float:
     """Relative distance of ``net`` to the float32 reference over ``windows`` (default: the case's windows);
     windows in ``skip_windows`` make no step."""
+    return flat_reference_distance(case, flat_parameters(net), skip_windows, windows)
+
+
+def flat_reference_distance(
+    case: Case, parameters: Tensor, skip_windows: tuple[int, ...] = (), windows: list[list[MicroBatch]] | None = None
+) -> float:
+    """``reference_distance`` of flat final parameters (as gathered from sharded or remote ranks)."""
     windows = case.reference_windows() if windows is None else windows
     windows = [[] if i in skip_windows else w for i, w in enumerate(windows)]
     reference = train_reference(
         make_net(), windows, make_optimizer(case.optimizer, case.lr), case.clip_norm, case.clip_value
     ).parameters
-    return relative_distance(flat_parameters(net).float(), reference, flat_parameters(make_net()))
+    return relative_distance(parameters.float().cpu(), reference, flat_parameters(make_net()))
 
 
 def masked_out(batch: MicroBatch) -> MicroBatch:
@@ -246,3 +253,16 @@ def uneven_case(sizes: tuple[int, int], k: int) -> Case:
     """Two ranks with different numbers of micro-batches (of 2 to 4 samples), K=k, two epochs."""
     plan = [[make_micro_batch(2 + i % 3, seed=10 * r + i) for i in range(n)] for r, n in enumerate(sizes)]
     return Case(plan=plan, accumulation=k, epochs=2)
+
+
+def partial_window_ranks_case() -> Case:
+    """Two ranks of 5 micro-batches (2 to 4 samples), K=3: each epoch ends with a window of 2 micro-batches."""
+    return uneven_case((5, 5), 3)
+
+
+def clipped_ranks_case() -> Case:
+    """``masked_ranks_case`` clipped at a norm of 0.37, between the reference's step gradient norms (0.35 to
+    0.54): some steps clip and others do not, so clipping a gradient of the wrong scale shows."""
+    case = masked_ranks_case()
+    case.clip_norm = 0.37
+    return case

@@ -106,13 +106,16 @@ def planned_trainer(
     logger: pl.loggers.Logger | bool,
     **trainer_kwargs,
 ) -> pl.Trainer:
-    """A quiet CPU Trainer for ``case``: our own per-rank plan, so no injected sampler; a log row per step."""
+    """A quiet Trainer for ``case`` (on the CPU unless ``accelerator`` is given): our own per-rank plan, so no
+    injected sampler; a log row per step. ``keep_process_group=True`` leaves the process group alive after the
+    fit, for a script that runs several distributed fits (and destroys it once at its end)."""
+    keep = trainer_kwargs.pop("keep_process_group", False)
     return pl.Trainer(
-        accelerator="cpu",
+        accelerator=trainer_kwargs.pop("accelerator", "cpu"),
         devices=devices,
         strategy=strategy,
         max_epochs=case.epochs,
-        callbacks=[*callbacks, ReleaseProcessGroup()],
+        callbacks=[*callbacks] if keep else [*callbacks, ReleaseProcessGroup()],
         log_every_n_steps=1,
         use_distributed_sampler=False,
         **(QUIET_TRAINER | {"logger": logger}),
@@ -150,18 +153,21 @@ def fit_case(
     return module.net
 
 
-def fp16_scaler_plugin(init_scale: float = 2.0**10, backoff_factor: float = 0.5, growth_interval: int = 2000):
-    """Real fp16 autocast with a GradScaler on CPU (``precision="16-mixed"`` alone falls back to bf16 there)."""
+def fp16_scaler_plugin(
+    init_scale: float = 2.0**10, backoff_factor: float = 0.5, growth_interval: int = 2000, device: str = "cpu"
+):
+    """Real fp16 autocast with a GradScaler on ``device`` (``precision="16-mixed"`` alone falls back to bf16 on
+    CPU). The initial scale 2**10 (not 2**16) keeps the first steps of these small nets from overflowing."""
     scaler = torch.amp.GradScaler(
-        "cpu", init_scale=init_scale, backoff_factor=backoff_factor, growth_interval=growth_interval
+        device, init_scale=init_scale, backoff_factor=backoff_factor, growth_interval=growth_interval
     )
-    return MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    return MixedPrecision("16-mixed", device, scaler=scaler)
 
 
-def precision_kwargs(precision: str) -> dict[str, Any]:
+def precision_kwargs(precision: str, device: str = "cpu") -> dict[str, Any]:
     """Trainer arguments for ``precision``; ``"16-mixed"`` means fp16 autocast with dynamic loss scaling."""
     if precision == "16-mixed":
-        return {"plugins": [fp16_scaler_plugin()]}
+        return {"plugins": [fp16_scaler_plugin(device=device)]}
     return {"precision": precision}
 
 

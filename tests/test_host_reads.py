@@ -87,3 +87,15 @@ def test_no_host_reads_that_the_dispatch_mode_cannot_see() -> None:
         text = source.read_text()
         for call in (".tolist(", ".numpy(", ".cpu("):
             assert call not in text, f"{source.name} calls {call}): read values with .item() or int()"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["deferred", "lookahead"])
+@pytest.mark.parametrize("version", ["fsdp1", "fsdp2"])
+def test_one_host_read_per_optimizer_step_under_fsdp(version: str, mode: str) -> None:
+    from fsdp_fit import fit_sharded  # one rank in this process: FSDP over a process group of one
+
+    case = masked_tokens_case(epochs=2)
+    with PackageHostReads() as reads:
+        fit_sharded(version, "cpu", case, "exact", "32-true", mode, keep_process_group=False)
+    assert dict(reads.by_function) == {"finish_window": len(case.reference_windows())}

@@ -16,8 +16,8 @@ from cases import (
     tolerance,
 )
 from fits import CountingModule, fit, fit_manual_net, fit_net, fp16_scaler_plugin
-from lightning.pytorch.plugins.precision import FSDPPrecision
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+from lightning.pytorch.plugins.precision import DeepSpeedPrecision
+from lightning.pytorch.strategies import DeepSpeedStrategy
 
 from lightning_accum import SampleCountRescaler
 from lightning_accum.support import require_supported_precision, require_supported_strategy
@@ -88,16 +88,16 @@ def test_ddp_spawn_two_ranks(precision: str, mode: str, measured) -> None:
 
 
 def test_strategies_that_own_the_step_fail_with_the_alternative() -> None:
-    # Lightning itself refuses FSDP without a GPU; DeepSpeed is not installed here (created without __init__).
-    for strategy in (FSDPStrategy(), DeepSpeedStrategy.__new__(DeepSpeedStrategy)):
-        with pytest.raises(RuntimeError, match=r"does not support the \w+ strategy.*strategy='ddp'"):
-            require_supported_strategy(strategy)
+    # DeepSpeed is not installed here (created without __init__). FSDP is verified: tests/test_fsdp.py.
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    with pytest.raises(RuntimeError, match=r"does not support the DeepSpeedStrategy strategy.*'ddp'.*FSDPStrategy"):
+        require_supported_strategy(strategy)
 
 
 def test_unverified_precision_plugin_fails_with_the_alternative() -> None:
-    message = r"not verified with the FSDPPrecision.*precision='32-true', '64-true', '16-mixed'"
+    message = r"not verified with the DeepSpeedPrecision.*precision='32-true', '64-true', '16-mixed'"
     with pytest.raises(RuntimeError, match=message):
-        require_supported_precision(FSDPPrecision("16-mixed"))
+        require_supported_precision(DeepSpeedPrecision("32-true"))
     require_supported_precision(fp16_scaler_plugin())  # the fp16 plugin of these tests is supported
 
 
