@@ -119,7 +119,7 @@ def render_run(name: str) -> Callable[[], str]:
     """The app's ``Final metrics:`` printout for run ``name``."""
 
     def render() -> str:
-        if name not in load("runs"):
+        if not load("runs").get(name):
             return missing("--runs")
         metrics = load("runs")[name]
         lines = ["    Final metrics:", *(f"      {key:<20} {value:g}" for key, value in metrics.items())]
@@ -129,7 +129,7 @@ def render_run(name: str) -> Callable[[], str]:
 
 
 def render_digits_global() -> str:
-    if "digits_global_k4" not in load("runs"):
+    if not load("runs").get("digits_global_k4"):
         return missing("--runs")
     metrics = load("runs")["digits_global_k4"]
     return f"Both print `val/loss {metrics['val/loss']:g}` and `val/acc {metrics['val/acc']:g}`."

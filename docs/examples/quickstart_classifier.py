@@ -24,13 +24,8 @@ class Classifier(SampleCountMixin, L.LightningModule):  # the mixin first
 
 torch.manual_seed(0)
 data = TensorDataset(torch.randn(100, 8), torch.randint(0, 3, (100,)))  # 100 samples: the last batch has 4
-trainer = L.Trainer(
-    max_epochs=2,
-    accumulate_grad_batches=4,  # 4 micro-batches of 16 per step; the epoch's last step has 2 (16 + 4 samples)
-    callbacks=[SampleCountRescaler()],  # logs train/loss, the exact mean over the step's samples
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-)
+# 4 micro-batches of 16 per step; the epoch's last step has 2 (16 + 4 samples), each sample weighs 1/20 there.
+# The callback logs train/loss, the exact mean over the step's samples, and train/items, their number.
+trainer = L.Trainer(max_epochs=2, accumulate_grad_batches=4, callbacks=[SampleCountRescaler()], logger=False)
 trainer.fit(Classifier(), DataLoader(data, batch_size=16, shuffle=True))
 print({name: round(value.item(), 4) for name, value in trainer.callback_metrics.items()})

@@ -30,13 +30,7 @@ class TinyLM(SampleCountMixin, L.LightningModule):
 torch.manual_seed(0)
 sequences = [torch.randint(0, 32, (int(n),)) for n in torch.randint(2, 40, (64,))]  # 2 to 39 tokens each
 loader = DataLoader(sequences, batch_size=8, collate_fn=lambda s: pad_sequence(s, batch_first=True, padding_value=PAD))
-trainer = L.Trainer(
-    max_epochs=2,
-    accumulate_grad_batches=4,  # a step weighs every real token of its 4 micro-batches equally
-    callbacks=[SampleCountRescaler()],  # logs train/loss and train/items (the step's token count)
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-)
+# A step weighs every real token of its 4 micro-batches equally; train/items logs the step's token count.
+trainer = L.Trainer(max_epochs=2, accumulate_grad_batches=4, callbacks=[SampleCountRescaler()], logger=False)
 trainer.fit(TinyLM(), loader)
 print({name: round(value.item(), 4) for name, value in trainer.callback_metrics.items()})
