@@ -33,13 +33,13 @@ INCLUDE = re.compile(r"(<!-- include:(?P<path>[\w./-]+) -->\n)(?P<body>.*?)(<!--
 def within_band(quoted: float, fresh: float) -> bool:
     """Whether a fresh measurement still matches the quoted figure.
 
-    Figures at float-rounding level (under 1e-2: exact distances, mixed-precision errors) move with the
-    platform's rounding, so they match within a factor of 2; larger ones (naive distances, metrics) are
-    deterministic and match within 2 %.
+    Figures under 0.1 (exact distances and low-precision errors: float rounding) move with the platform's
+    rounding, so they match within a factor of 2; larger ones (naive distances, metrics) are deterministic up
+    to that rounding and match within 2 %.
     """
     if quoted == fresh:
         return True
-    if abs(quoted) < 1e-2:
+    if abs(quoted) < 0.1:
         if quoted <= 0 or fresh <= 0:
             return max(abs(quoted), abs(fresh)) < 1e-6
         return abs(math.log10(fresh / quoted)) <= math.log10(2)
