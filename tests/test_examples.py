@@ -71,3 +71,12 @@ def test_docs_code_blocks_run(page: Path, tmp_path: Path) -> None:
     script = tmp_path / "page.py"
     script.write_text("\n\n".join(blocks))
     run([sys.executable, str(script)], cwd=tmp_path)
+
+
+def test_readme_links_resolve() -> None:
+    """Every relative link and image of the README names a file of the checkout (mkdocs checks the docs)."""
+    readme = (ROOT / "README.md").read_text()
+    targets = [t for t in re.findall(r"\]\(([^)#\s]+)", readme) if "://" not in t]
+    assert targets, "no links found"
+    broken = [t for t in targets if not (ROOT / t).exists()]
+    assert not broken, f"README links to missing files: {broken}"
