@@ -93,7 +93,7 @@ def render_sweep() -> str:
         return missing("--runs")
     summary = load("runs")["sweep"]["summary.md"].strip().splitlines()
     rows = [line for line in summary if line.startswith("|")]
-    return "\n".join([f"    Sweep summary of {len(rows) - 2} runs:", *(f"    {line}" for line in rows)])
+    return "\n".join(["```text", f"Sweep summary of {len(rows) - 2} runs:", *rows, "```"])
 
 
 def render_optuna() -> str:
@@ -103,7 +103,8 @@ def render_optuna() -> str:
     if "optuna" not in load("runs"):
         return missing("--runs")
     result = yaml.safe_load(load("runs")["optuna"]["optimization_results.yaml"])
-    return f"    [HYDRA] Best parameters: {result['best_params']}\n    [HYDRA] Best value: {result['best_value']}"
+    best = f"[HYDRA] Best parameters: {result['best_params']}\n[HYDRA] Best value: {result['best_value']}"
+    return f"```text\n{best}\n```"
 
 
 def missing(option: str) -> str:
@@ -123,8 +124,9 @@ def render_run(name: str) -> Callable[[], str]:
         if not load("runs").get(name):
             return missing("--runs")
         metrics = load("runs")[name]
-        lines = ["    Final metrics:", *(f"      {key:<20} {value:g}" for key, value in metrics.items())]
-        return "\n".join(lines)
+        lines = ["Final metrics:", *(f"  {key:<20} {value:g}" for key, value in metrics.items())]
+        lines.append("Output folder: /.../outputs/train/runs/<date>_<time>")
+        return "\n".join(["```text", *lines, "```"])
 
     return render
 
@@ -133,7 +135,10 @@ def render_digits_global() -> str:
     if not load("runs").get("digits_global_k4"):
         return missing("--runs")
     metrics = load("runs")["digits_global_k4"]
-    return f"Both print `val/loss {metrics['val/loss']:g}` and `val/acc {metrics['val/acc']:g}`."
+    return (
+        f"The first prints `val/loss {metrics['val/loss']:g}` and `val/acc {metrics['val/acc']:g}`"
+        " (`tests/test_figures.py` re-runs it); the torchrun run trains the same model."
+    )
 
 
 def render_measured(prefix: str) -> Callable[[], str]:
