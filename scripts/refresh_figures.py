@@ -177,7 +177,8 @@ def render_extras() -> str:
     lines.append("")
     lines.append(
         f"Fresh venv per row, Python {data['python']} on {data['machine']}, torch {data['rows'][0]['torch']} "
-        "(the CPU wheel; a CUDA build adds several GiB); packages counted by `pip list` (pip included), disk "
+        "(the CPU wheel; a CUDA build is larger, not measured here); packages counted by `pip list` (pip and "
+        "setuptools included), disk "
         "is the venv's files. Measured by `python scripts/measure_extras.py`."
     )
     return "\n".join(lines)
