@@ -1,26 +1,56 @@
 """The ``measured`` fixture: tests record the distance they assert on, and the run prints them all at the end.
 
-The README's tables quote these figures, so every CI log shows where they come from.
+The docs quote these figures from ``docs/figures/measured.json``. Each time a test records a figure that the
+docs quote, the fixture checks that the fresh value is still within the quoted figure's band
+(``docs_figures.within_band``) and fails the test otherwise, naming the command that refreshes the docs.
+``LIGHTNING_ACCUM_MEASURED_OUT=path`` writes this session's figures to ``path`` (merged into what it holds)
+instead of checking: ``python scripts/refresh_figures.py --measure`` uses it.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from docs_figures import MEASURED_FILE, REFRESH_COMMAND, within_band
 
 MEASURED: dict[str, float] = {}
+OUT_ENV = "LIGHTNING_ACCUM_MEASURED_OUT"
+
+
+def _quoted() -> dict[str, float]:
+    return json.loads(MEASURED_FILE.read_text()) if MEASURED_FILE.exists() else {}
 
 
 @pytest.fixture
 def measured(request: pytest.FixtureRequest) -> Callable[..., float]:
     """``measured(value, label="")`` records ``value`` under the test's id (and label); returns it, for an assert."""
+    quoted = {} if os.environ.get(OUT_ENV) else _quoted()
 
     def record(value: float, label: str = "") -> float:
-        MEASURED[f"{request.node.nodeid} {label}".rstrip()] = float(value)
+        key = f"{request.node.nodeid} {label}".rstrip()
+        MEASURED[key] = float(value)
+        if key in quoted and not within_band(quoted[key], float(value)):
+            pytest.fail(
+                f"the docs quote {quoted[key]:.3g} for {key!r} but this run measured {float(value):.3g}: "
+                f"run `{REFRESH_COMMAND} --measure` (then commit docs/figures/ and the pages it rewrites)"
+            )
         return value
 
     return record
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    out = os.environ.get(OUT_ENV)
+    if out and MEASURED:
+        path = Path(out)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        # Timings (labelled in seconds) depend on the machine's load: the docs never quote them as figures.
+        data.update({key: value for key, value in MEASURED.items() if "seconds" not in key})
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
