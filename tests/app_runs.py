@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from fits import clean_env
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from reference import relative_distance
@@ -21,14 +22,6 @@ from reference import relative_distance
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "scripts" / "train.py")
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
-
-
-def clean_env() -> dict[str, str]:
-    """This process's environment without the variables of a launcher that may have started pytest."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
 
 
 def run(args: list[str], cwd: Path, timeout: float = 240) -> str:

@@ -8,6 +8,7 @@ down can abort the process ("terminate called without an active exception") afte
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,18 @@ def fit_manual_net(case: Case, precision: str = "32-true", strategy: str = "auto
 def read_metrics(logger: CSVLogger) -> list[dict[str, str]]:
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         return list(csv.DictReader(f))
+
+
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""What Lightning (or a launcher) leaves in ``os.environ``: a process started with them joins that run's group."""
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without the variables of a launcher, for a subprocess that starts its own run."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    for key in LAUNCHER_VARIABLES:
+        env.pop(key, None)
+    return env
 
 
 class RecordException(pl.Callback):

@@ -9,9 +9,11 @@ catch on a GPU.
 
 from __future__ import annotations
 
+import os
 import traceback
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -96,6 +98,8 @@ def test_one_host_read_per_optimizer_step_under_fsdp(version: str, mode: str) ->
     from fsdp_fit import fit_sharded  # one rank in this process: FSDP over a process group of one
 
     case = masked_tokens_case(epochs=2)
-    with PackageHostReads() as reads:
+    # Lightning leaves MASTER_PORT & co. in os.environ, while this process still holds that port: later
+    # distributed tests would inherit it and fail to listen on it. Restore the environment after the fit.
+    with PackageHostReads() as reads, mock.patch.dict(os.environ):
         fit_sharded(version, "cpu", case, "exact", "32-true", mode, keep_process_group=False)
     assert dict(reads.by_function) == {"finish_window": len(case.reference_windows())}
