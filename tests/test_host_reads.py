@@ -18,7 +18,7 @@ from unittest import mock
 import pytest
 import torch
 from cases import Case, make_net, masked_tokens_case
-from fits import CountingModule, ManualModule, fit
+from fits import LAUNCHER_VARIABLES, CountingModule, ManualModule, fit
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_accum
@@ -98,8 +98,10 @@ def test_one_host_read_per_optimizer_step_under_fsdp(version: str, mode: str) ->
     from fsdp_fit import fit_sharded  # one rank in this process: FSDP over a process group of one
 
     case = masked_tokens_case(epochs=2)
-    # Lightning leaves MASTER_PORT & co. in os.environ, while this process still holds that port: later
-    # distributed tests would inherit it and fail to listen on it. Restore the environment after the fit.
+    # This fit's store keeps listening on its MASTER_PORT in this process after the fit. Start it without the port
+    # an earlier ddp_spawn test left in os.environ (later tests reuse that one), and restore the environment after.
     with PackageHostReads() as reads, mock.patch.dict(os.environ):
+        for key in LAUNCHER_VARIABLES:
+            os.environ.pop(key, None)
         fit_sharded(version, "cpu", case, "exact", "32-true", mode, keep_process_group=False)
     assert dict(reads.by_function) == {"finish_window": len(case.reference_windows())}
