@@ -11,14 +11,29 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from docs_figures import MEASURED_FILE, REFRESH_COMMAND, within_band
+from fits import LAUNCHER_VARIABLES
 
 MEASURED: dict[str, float] = {}
 OUT_ENV = "LIGHTNING_ACCUM_MEASURED_OUT"
+
+
+@pytest.fixture(autouse=True)
+def fresh_launcher_environment() -> Iterator[None]:
+    """Every test starts without the launcher variables an earlier distributed fit left, and gets them back after.
+
+    Lightning leaves ``MASTER_PORT`` & co. in ``os.environ`` after a fit, and a process group made in this process
+    keeps its port: a later fit, or a subprocess inheriting the environment, would try to bind that port again.
+    """
+    with mock.patch.dict(os.environ):
+        for key in LAUNCHER_VARIABLES:
+            os.environ.pop(key, None)
+        yield
 
 
 def _quoted() -> dict[str, float]:

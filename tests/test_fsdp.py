@@ -24,7 +24,6 @@ from cases import (
     tolerance,
     uneven_ranks_case,
 )
-from fits import clean_env
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
@@ -55,9 +54,7 @@ def sharded_fits(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     folder = tmp_path_factory.mktemp(request.param)
     out = folder / "results.pt"
     script = Path(__file__).with_name("fsdp_fit.py")
-    subprocess.run(
-        [sys.executable, str(script), request.param, str(out)], check=True, cwd=folder, timeout=500, env=clean_env()
-    )
+    subprocess.run([sys.executable, str(script), request.param, str(out)], check=True, cwd=folder, timeout=500)
     return request.param, torch.load(out)
 
 

@@ -9,16 +9,14 @@ catch on a GPU.
 
 from __future__ import annotations
 
-import os
 import traceback
 from collections import Counter
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
 from cases import Case, make_net, masked_tokens_case
-from fits import LAUNCHER_VARIABLES, CountingModule, ManualModule, fit
+from fits import CountingModule, ManualModule, fit
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_accum
@@ -98,10 +96,6 @@ def test_one_host_read_per_optimizer_step_under_fsdp(version: str, mode: str) ->
     from fsdp_fit import fit_sharded  # one rank in this process: FSDP over a process group of one
 
     case = masked_tokens_case(epochs=2)
-    # This fit's store keeps listening on its MASTER_PORT in this process after the fit. Start it without the port
-    # an earlier ddp_spawn test left in os.environ (later tests reuse that one), and restore the environment after.
-    with PackageHostReads() as reads, mock.patch.dict(os.environ):
-        for key in LAUNCHER_VARIABLES:
-            os.environ.pop(key, None)
+    with PackageHostReads() as reads:
         fit_sharded(version, "cpu", case, "exact", "32-true", mode, keep_process_group=False)
     assert dict(reads.by_function) == {"finish_window": len(case.reference_windows())}
