@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from fits import QUIET_TRAINER, ReleaseProcessGroup
+from fits import QUIET_TRAINER, ReleaseProcessGroup, clean_env
 from reference import MicroBatch, flat_parameters, relative_distance, train_reference
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -158,7 +158,7 @@ def test_invariance_experiment_writes_plot_and_distance_table(tmp_path) -> None:
         "trainer.max_epochs=1",
         f"paths.log_dir={tmp_path}",
     ]
-    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300, env=clean_env())
     assert done.returncode == 0, done.stderr[-3000:]
     (sweep_dir,) = (tmp_path / "invariance" / "multirun").iterdir()
     assert (sweep_dir / "invariance.png").stat().st_size > 10_000
