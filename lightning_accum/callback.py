@@ -14,7 +14,8 @@ from torch.autograd.graph import Node
 from torch.utils.hooks import RemovableHandle
 
 from lightning_accum.counting import count_dtype, masked_sum_and_count
-from lightning_accum.data_checks import warn_about_repeated_samples, warn_unless_loaders_resume
+from lightning_accum.data import WindowSampler
+from lightning_accum.data.checks import warn_about_repeated_samples, warn_unless_loaders_resume
 from lightning_accum.engines import DeferredEngine, LookaheadEngine, RunState, WeightingEngine, WindowTotals
 from lightning_accum.graph import GraphProblem, backward_problem
 from lightning_accum.lightning_internals import (
@@ -75,7 +76,7 @@ class SampleCountRescaler(Callback):
         >>> trainer = pl.Trainer(max_epochs=1, accumulate_grad_batches=2, callbacks=[SampleCountRescaler()],
         ...                      logger=False, enable_checkpointing=False, enable_progress_bar=False,
         ...                      enable_model_summary=False, limit_val_batches=0)
-        >>> trainer.fit(MLPModel(**data.model_kwargs()), datamodule=data)
+        >>> trainer.fit(MLPModel(in_features=4, out_features=1, task="regression"), datamodule=data)
         >>> trainer.callback_metrics["train/items"]  # the last window: micro-batches of 3 and 1 samples
         tensor(4.)
     """
@@ -243,9 +244,9 @@ class SampleCountRescaler(Callback):
             return
         k = trainer.accumulate_grad_batches
         if batch_idx == 0:
-            require_split = getattr(getattr(trainer.train_dataloader, "batch_sampler", None), "require_split", None)
-            if require_split is not None:  # a sampler that forms windows (GlobalBatchSampler) checks its split
-                require_split(k, trainer.world_size, trainer.global_rank)
+            batch_sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+            if isinstance(batch_sampler, WindowSampler):  # a sampler that forms windows checks its split
+                batch_sampler.require_split(k, trainer.world_size, trainer.global_rank)
         if isinstance(self._engine, LookaheadEngine):
             if batch_idx % k == 0:
                 self._count_window_ahead(trainer, pl_module, batch, batch_idx)

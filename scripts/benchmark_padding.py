@@ -39,11 +39,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
 from lightning_accum import GlobalBatchLoader, GlobalBatchSampler, SampleCountRescaler
+from lightning_accum.data.sampler import EpochPermutation
 from lightning_accum.demos import CausalLM
 from lightning_accum.demos.collate import PadCollate
 from lightning_accum.demos.datasets import TokenSequenceDataset
 from lightning_accum.demos.text import CharVocab, stdlib_docstring_lines
-from lightning_accum.sampler import EpochPermutation
 
 
 def text_pieces(count: int, median: float, sigma: float, longest: int, seed: int) -> list[str]:

@@ -19,6 +19,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from reference import relative_distance
 
+from lightning_accum_app.composition import model_kwargs
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "scripts" / "train.py")
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
@@ -130,7 +132,7 @@ def initial_model(cfg: DictConfig) -> pl.LightningModule:
     """The model a run of ``cfg`` starts from, built as ``run_training`` does: seed, data module, then model."""
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = instantiate(cfg.data)
-    return instantiate(cfg.model, **datamodule.model_kwargs())
+    return instantiate(cfg.model, **model_kwargs(datamodule))
 
 
 def update_distance(run_dir: Path, reference_dir: Path) -> float:

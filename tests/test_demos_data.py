@@ -81,8 +81,6 @@ def test_global_sampler_covers_each_sample_once_with_padding_flagged():
     x = torch.cat(seen)
     assert len(x) == 23
     assert sorted(map(tuple, x.tolist())) == sorted(map(tuple, dm.train_set.x.tolist()))
-    assert dm.trainer_kwargs() == {"use_distributed_sampler": False}
-    assert RegressionDataModule().trainer_kwargs() == {}
 
 
 def test_global_sampler_pads_a_short_rank_with_invalid_samples():

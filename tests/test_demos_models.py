@@ -19,7 +19,7 @@ def test_mlp_loss_ignores_padding_samples():
     torch.manual_seed(0)
     dm = DigitsDataModule(micro_batch_size=6, shuffle=False)
     dm.setup()
-    model = MLPModel(**dm.model_kwargs(), hidden_sizes=[16])
+    model = MLPModel(in_features=64, out_features=10, task="classification", hidden_sizes=[16])
     samples = [dm.train_set[i] for i in range(5)] + [dm.train_set[-1]]
     batch = torch.utils.data.default_collate(samples)
     x, y = dm.train_set.x[:5], dm.train_set.y[:5]
@@ -31,7 +31,7 @@ def test_causal_lm_loss_is_the_token_mean_of_each_unpadded_sequence():
     torch.manual_seed(0)
     dm = TokenSequenceDataModule(micro_batch_size=5, shuffle=False)
     dm.setup()
-    lm = CausalLM(**dm.model_kwargs(), embed_dim=8, hidden_size=16)
+    lm = CausalLM(len(dm.vocab), pad_id=dm.vocab.pad_id, embed_dim=8, hidden_size=16)
     samples = [dm.train_set[i] for i in range(4)] + [dm.train_set[-1]]
     batch = dm.collate_fn()(samples)
     total, count = 0.0, 0
@@ -48,7 +48,9 @@ def test_causal_lm_fit_with_accumulation_and_padding_equals_plain_item_mean_step
     k, steps = 3, 2
     dm = TokenSequenceDataModule(micro_batch_size=4, shuffle=False, sampler="global", accumulate_grad_batches=k)
     dm.setup()
-    lm = CausalLM(**dm.model_kwargs(), embed_dim=8, hidden_size=16, optimizer=partial(torch.optim.SGD, lr=0.5))
+    lm = CausalLM(
+        len(dm.vocab), pad_id=dm.vocab.pad_id, embed_dim=8, hidden_size=16, optimizer=partial(torch.optim.SGD, lr=0.5)
+    )
     reference = copy.deepcopy(lm)
     initial = torch.cat([p.detach().flatten() for p in lm.parameters()])
 
@@ -73,7 +75,7 @@ def test_causal_lm_fit_with_accumulation_and_padding_equals_plain_item_mean_step
         limit_val_batches=0,
         **QUIET_TRAINER,
         default_root_dir=tmp_path,
-        **dm.trainer_kwargs(),
+        use_distributed_sampler=False,
     )
     trainer.fit(lm, datamodule=dm)
     fitted = torch.cat([p.detach().flatten() for p in lm.parameters()])

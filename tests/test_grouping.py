@@ -25,10 +25,10 @@ from reference import MicroBatch, flat_parameters, relative_distance, train_refe
 from torch import Tensor
 
 from lightning_accum import GlobalBatchLoader, GlobalBatchSampler, SampleCountRescaler
+from lightning_accum.data.sampler import grouped_micro_batches
 from lightning_accum.demos import CausalLM
 from lightning_accum.demos.collate import PadCollate
 from lightning_accum.demos.datasets import TokenSequenceDataset
-from lightning_accum.sampler import grouped_micro_batches
 
 SAMPLES, VOCAB, EFFECTIVE, EPOCHS, SEED, LR = 25, 10, 8, 3, 3, 0.5  # 3 full windows of 8 + 1 sample per epoch
 MAX_TOKENS = 50  # the smallest budget every window of these 25 lengths fits (2 x the longest would be 80)
@@ -300,9 +300,9 @@ def test_lightning_resumes_a_grouped_run_mid_epoch(tmp_path, reference, measured
 )
 def test_resume_refuses_other_grouping_settings(saved: dict, resumed: dict, match: str) -> None:
     lengths = token_data().lengths()
-    state = GlobalBatchSampler(SAMPLES, 2, 4, seed=SEED, lengths=lengths, **saved).state_dict()
+    layout = GlobalBatchSampler(SAMPLES, 2, 4, seed=SEED, lengths=lengths, **saved).layout()
     with pytest.raises(ValueError, match=match):
-        GlobalBatchSampler(SAMPLES, 2, 4, seed=SEED, **{"lengths": lengths, **resumed}).load_state_dict(state)
+        GlobalBatchSampler(SAMPLES, 2, 4, seed=SEED, **{"lengths": lengths, **resumed}).resume(0, 4, layout)
 
 
 # ---------------------------------------------------------------------------------------------- (e) arguments

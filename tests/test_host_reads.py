@@ -81,7 +81,7 @@ def test_no_host_reads_that_the_dispatch_mode_cannot_see() -> None:
         "lookahead",
         "metrics",
         "support",
-        "data_checks",
+        "data/checks",
     ):
         source = Path(PACKAGE, f"{name}.py")
         text = source.read_text()

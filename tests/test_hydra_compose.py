@@ -14,8 +14,9 @@ from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_accum import SampleCountRescaler
-from lightning_accum.demos import Accumulation, ExampleDataModule
+from lightning_accum.demos import ExampleDataModule
 from lightning_accum_app.app import build, check_num_nodes
+from lightning_accum_app.composition import Accumulation, model_kwargs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -55,7 +56,7 @@ def test_data_options_instantiate_and_load(tmp_path, name):
 @pytest.mark.parametrize(("model", "data"), [("mlp", "digits"), ("mlp", "regression"), ("causal_lm", "tokens")])
 def test_model_options_instantiate_with_a_partial_optimizer(tmp_path, model, data):
     cfg = compose_train(tmp_path, f"model={model}", f"data={data}")
-    module = instantiate(cfg.model, **instantiate(cfg.data).model_kwargs())
+    module = instantiate(cfg.model, **model_kwargs(instantiate(cfg.data)))
     optimizer = module.configure_optimizers()
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.defaults["lr"] == cfg.model.optimizer.lr

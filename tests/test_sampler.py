@@ -109,28 +109,21 @@ def test_resume_mid_epoch_continues_where_it_stopped() -> None:
     full = list(sampler)
     it = iter(sampler)
     seen = [next(it) for _ in range(4)]
-    state = sampler.state_dict()
-    assert (state["epoch"], state["micro_batches"]) == (2, 4)
 
     resumed = GlobalBatchSampler(23, 2, 3, num_replicas=2, rank=1, seed=4)
-    resumed.load_state_dict(state)
+    resumed.resume(2, 4, sampler.layout())
     resumed.set_epoch(2)  # Lightning calls set_epoch with the resumed epoch; the position survives
     assert seen + list(resumed) == full
     assert list(resumed) == full  # the next pass is a whole epoch again
-    assert sampler.state_dict()["micro_batches"] == 4
 
 
 def test_resume_at_step_boundary_with_another_split() -> None:
-    # Saved by 1 rank x K=4 x B=2 after 2 optimizer steps; resumed by 2 ranks x K=1 x B=4 (same E = 8).
+    # Saved by 1 rank x K=4 x B=2 after 2 optimizer steps (8 micro-batches); resumed by 2 ranks x K=1 x B=4 (same E).
     single = GlobalBatchSampler(30, 2, 4, num_replicas=1, rank=0, seed=9)
-    it = iter(single)
-    for _ in range(8):
-        next(it)
-    state = single.state_dict()
     resumed = []
     for rank in range(2):
         sampler = GlobalBatchSampler(30, 4, 1, num_replicas=2, rank=rank, seed=9)
-        sampler.load_state_dict(state)
+        sampler.resume(0, 8, single.layout())
         resumed.append(list(sampler))
     assert step_sets(resumed, 1) == expected_steps(30, 8, seed=9, epoch=0)[2:]
 
@@ -138,8 +131,7 @@ def test_resume_at_step_boundary_with_another_split() -> None:
 def test_resume_position_belongs_to_its_epoch() -> None:
     # Lightning sets the epoch on batch_sampler.sampler, bypassing GlobalBatchSampler.set_epoch.
     sampler = GlobalBatchSampler(30, 2, 4, num_replicas=1, rank=0, seed=9)
-    state = {**sampler.state_dict(), "epoch": 1, "micro_batches": 8}
-    sampler.load_state_dict(state)
+    sampler.resume(1, 8, sampler.layout())
     sampler.sampler.set_epoch(2)
     whole = GlobalBatchSampler(30, 2, 4, num_replicas=1, rank=0, seed=9)
     whole.set_epoch(2)
@@ -150,9 +142,8 @@ def test_resume_after_a_complete_epoch_with_another_split() -> None:
     # 1 x K=4 x B=2 has 4 * 3 + 3 = 15 micro-batches in an epoch of 30; 2 x K=1 x B=4 has 4 per rank.
     done = GlobalBatchSampler(30, 2, 4, num_replicas=1, rank=0, seed=9)
     assert len(done) == len(list(done)) == 15
-    state = {**done.state_dict(), "micro_batches": 15}
     resumed = GlobalBatchSampler(30, 4, 1, num_replicas=2, rank=1, seed=9)
-    resumed.load_state_dict(state)
+    resumed.resume(0, 15, done.layout())
     assert resumed.start == len(resumed) == 4
     assert list(resumed) == []
     resumed.set_epoch(1)
@@ -160,16 +151,13 @@ def test_resume_after_a_complete_epoch_with_another_split() -> None:
 
 
 def test_resume_errors_name_the_mismatch() -> None:
-    state = GlobalBatchSampler(30, 2, 4, num_replicas=1, rank=0, seed=9).state_dict()
+    layout = GlobalBatchSampler(30, 2, 4, num_replicas=1, rank=0, seed=9).layout()
     with pytest.raises(ValueError, match=r"saved sampler has seed=9, this one 1\. .*seed=9"):
-        GlobalBatchSampler(30, 2, 4, num_replicas=1, rank=0, seed=1).load_state_dict(state)
+        GlobalBatchSampler(30, 2, 4, num_replicas=1, rank=0, seed=1).resume(0, 0, layout)
     with pytest.raises(ValueError, match=r"saved effective batch is 8 .* this sampler's is 16"):
-        GlobalBatchSampler(30, 4, 4, num_replicas=1, rank=0, seed=9).load_state_dict(state)
-    single = GlobalBatchSampler(30, 2, 4, num_replicas=1, rank=0, seed=9)
-    it = iter(single)
-    next(it)
+        GlobalBatchSampler(30, 4, 4, num_replicas=1, rank=0, seed=9).resume(0, 0, layout)
     with pytest.raises(ValueError, match="different split 1 micro-batches into an optimizer step"):
-        GlobalBatchSampler(30, 4, 2, num_replicas=1, rank=0, seed=9).load_state_dict(single.state_dict())
+        GlobalBatchSampler(30, 4, 2, num_replicas=1, rank=0, seed=9).resume(0, 1, layout)
 
 
 # ---------------------------------------------------------------------------------------------- Lightning

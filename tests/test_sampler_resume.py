@@ -38,6 +38,18 @@ def make_optimizer(net: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(net.parameters(), lr=LR, momentum=0.9)
 
 
+class CountingSampler(GlobalBatchSampler):
+    """Counts the micro-batches it yielded in the current epoch: how far DataLoader workers pull ahead."""
+
+    yielded = 0
+
+    def __iter__(self):
+        self.yielded = self.start
+        for batch in super().__iter__():
+            self.yielded += 1
+            yield batch
+
+
 class ResumableModule(SampleCountMixin, pl.LightningModule):
     """Exact item-mean loss over a ``GlobalBatchLoader`` (or, with ``stateful=False``, a plain ``DataLoader``)."""
 
@@ -51,7 +63,7 @@ class ResumableModule(SampleCountMixin, pl.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         k, b = SPLITS[self.ranks]
-        sampler = GlobalBatchSampler(SAMPLES, b, k, seed=SEED)
+        sampler = CountingSampler(SAMPLES, b, k, seed=SEED)
         loader = GlobalBatchLoader if self.stateful else DataLoader
         # Workers must not be forked from a process whose gloo group is alive (its threads can leave a
         # lock held in the child, which then hangs): forkserver forks them from a clean server process that
@@ -81,7 +93,7 @@ class SaveAndStop(pl.Callback):
         self.stop_step = stop_step
         self.every_batch = every_batch
         self.steps_seen = 0
-        self.positions: list[tuple[int, int, int]] = []  # (batch_idx, loader position, sampler position)
+        self.positions: list[tuple[int, int, int]] = []  # (batch_idx, loader position, micro-batches yielded)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         loader = trainer.train_dataloader
@@ -89,9 +101,7 @@ class SaveAndStop(pl.Callback):
         if isinstance(loader, GlobalBatchLoader) and (self.every_batch or stepped):
             state = loader.state_dict()
             assert (state["epoch"], state["micro_batches"]) == (trainer.current_epoch, batch_idx + 1)
-            self.positions.append(
-                (batch_idx, state["micro_batches"], loader.batch_sampler.state_dict()["micro_batches"])
-            )
+            self.positions.append((batch_idx, state["micro_batches"], loader.batch_sampler.yielded))
         if trainer.global_step == self.stop_step:
             trainer.save_checkpoint(self.path)
             trainer.should_stop = True

@@ -6,7 +6,6 @@ directly. The library core never imports this subpackage. Every dataset here fol
 ``"valid": False``, and every example model ANDs ``batch["valid"]`` into its loss mask.
 """
 
-from lightning_accum.demos.accumulation import Accumulation
 from lightning_accum.demos.datamodules import (
     DigitsDataModule,
     ExampleDataModule,
@@ -16,7 +15,6 @@ from lightning_accum.demos.datamodules import (
 from lightning_accum.demos.models import CausalLM, MLPModel
 
 __all__ = [
-    "Accumulation",
     "CausalLM",
     "DigitsDataModule",
     "ExampleDataModule",

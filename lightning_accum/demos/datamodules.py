@@ -3,9 +3,9 @@
 Each takes ``sampler="default"`` (a shuffled ``DataLoader``; Lightning adds a ``DistributedSampler``
 under DDP) or ``sampler="global"`` (a ``lightning_accum.GlobalBatchLoader`` over a ``GlobalBatchSampler``:
 every optimizer step sees the same global set of samples whatever the number of ranks, and a mid-epoch
-checkpoint resumes at the next unseen micro-batch; needs ``use_distributed_sampler=False``, which
-``trainer_kwargs()`` returns). ``accumulate_grad_batches`` is the run's K (an int or an epoch -> K
-mapping), which the global sampler needs to form windows.
+checkpoint resumes at the next unseen micro-batch; needs ``Trainer(use_distributed_sampler=False)``).
+``accumulate_grad_batches`` is the run's K (an int or an epoch -> K mapping), which the global sampler needs
+to form windows. Each describes its data (``num_features`` and ``num_classes``, or ``vocab``).
 """
 
 from __future__ import annotations
@@ -17,16 +17,16 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_accum.demos.accumulation import AccumulationK, k_at_epoch, normalize_k
 from lightning_accum.demos.collate import PadCollate
 from lightning_accum.demos.datasets import FeatureDataset, TokenSequenceDataset
+from lightning_accum.demos.schedule import AccumulationK, k_at_epoch, normalize_k
 from lightning_accum.demos.text import CharVocab, stdlib_docstring_lines
 
 SamplerKind = Literal["default", "global"]
 
 
 class ExampleDataModule(pl.LightningDataModule):
-    """Shared loaders of the example data modules; subclasses implement ``build`` and ``model_kwargs``.
+    """Shared loaders of the example data modules; subclasses implement ``build`` and describe their data.
 
     Args:
         micro_batch_size: samples per micro-batch on one rank.
@@ -64,10 +64,6 @@ class ExampleDataModule(pl.LightningDataModule):
         """Return the ``(train, validation)`` datasets."""
         raise NotImplementedError
 
-    def model_kwargs(self) -> dict[str, Any]:
-        """The shape arguments a model needs for this data (e.g. ``in_features``, ``vocab_size``)."""
-        raise NotImplementedError
-
     def collate_fn(self) -> Callable | None:
         """The ``DataLoader`` collate function (``None``: PyTorch's default)."""
         return None
@@ -75,10 +71,6 @@ class ExampleDataModule(pl.LightningDataModule):
     def sampler_kwargs(self, dataset: Dataset, train: bool) -> dict[str, Any]:
         """More ``GlobalBatchSampler`` arguments for ``dataset`` (none here; length grouping in subclasses)."""
         return {}
-
-    def trainer_kwargs(self) -> dict[str, Any]:
-        """Trainer arguments this data module needs: the global sampler must not be wrapped by Lightning."""
-        return {"use_distributed_sampler": False} if self.sampler == "global" else {}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
@@ -129,8 +121,8 @@ class RegressionDataModule(ExampleDataModule):
         >>> batch = next(iter(dm.train_dataloader()))
         >>> batch["x"].shape, batch["y"].shape, batch["valid"].all().item()
         (torch.Size([4, 4]), torch.Size([4]), True)
-        >>> dm.model_kwargs()
-        {'in_features': 4, 'out_features': 1, 'task': 'regression'}
+        >>> dm.num_features, dm.num_classes  # a regression: no classes
+        (4, None)
     """
 
     def __init__(
@@ -146,6 +138,7 @@ class RegressionDataModule(ExampleDataModule):
         self.num_samples = num_samples
         self.num_val_samples = num_val_samples
         self.num_features = num_features
+        self.num_classes = None
         self.noise = noise
         self.data_seed = data_seed
 
@@ -157,9 +150,6 @@ class RegressionDataModule(ExampleDataModule):
         y = x @ weight + self.noise * torch.randn(total, generator=gen)
         n = self.num_samples
         return FeatureDataset(x[:n], y[:n]), FeatureDataset(x[n:], y[n:])
-
-    def model_kwargs(self) -> dict[str, Any]:
-        return {"in_features": self.num_features, "out_features": 1, "task": "regression"}
 
 
 class DigitsDataModule(ExampleDataModule):
@@ -177,6 +167,7 @@ class DigitsDataModule(ExampleDataModule):
         super().__init__(**loader_kwargs)
         self.num_val_samples = num_val_samples
         self.data_seed = data_seed
+        self.num_features, self.num_classes = 64, 10
 
     def build(self) -> tuple[Dataset, Dataset]:
         from sklearn.datasets import load_digits
@@ -187,9 +178,6 @@ class DigitsDataModule(ExampleDataModule):
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.data_seed))
         val, train = order[: self.num_val_samples], order[self.num_val_samples :]
         return FeatureDataset(x[train], y[train]), FeatureDataset(x[val], y[val])
-
-    def model_kwargs(self) -> dict[str, Any]:
-        return {"in_features": 64, "out_features": 10, "task": "classification"}
 
 
 class TokenSequenceDataModule(ExampleDataModule):
@@ -265,6 +253,3 @@ class TokenSequenceDataModule(ExampleDataModule):
         if not (train and self.group_by_length):
             return {}
         return {"lengths": dataset.lengths(), "max_tokens": self.max_tokens}
-
-    def model_kwargs(self) -> dict[str, Any]:
-        return {"vocab_size": len(self.vocab), "pad_id": self.vocab.pad_id}

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_accum.sampler import PAD_INDEX
+from lightning_accum.data.sampler import PAD_INDEX
 
 
 class FeatureDataset(Dataset):

@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lightning_accum_app.composition import data_trainer_kwargs, model_kwargs
 from lightning_accum_app.launch import launched_nodes, slurm_tasks
 from lightning_accum_app.sweep import METRICS_FILE
 
@@ -29,14 +30,14 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
     """
     datamodule = instantiate(cfg.data)
     try:
-        model = instantiate(cfg.model, **datamodule.model_kwargs())
+        model = instantiate(cfg.model, **model_kwargs(datamodule))
     except InstantiationException as err:
         raise TypeError(
             f"model {cfg.model._target_} does not fit data {cfg.data._target_} "
-            f"(which provides {datamodule.model_kwargs()}): {err}"
+            f"(which provides {model_kwargs(datamodule)}): {err}"
         ) from err
     accumulation = instantiate(cfg.accumulation)
-    decided = {**accumulation.trainer_kwargs(), **datamodule.trainer_kwargs()}
+    decided = {**accumulation.trainer_kwargs(), **data_trainer_kwargs(datamodule)}
     clash = sorted(set(decided) & set(cfg.trainer))
     if clash:
         raise ValueError(

@@ -26,13 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from lightning_accum.grouping import (
-    assign_groups,
-    fewest_micro_batches,
-    length_groups,
-    padded_tokens,
-    smallest_budget,
-)
+from lightning_accum.data.grouping import assign_groups, length_groups, padded_tokens, require_budget
 
 PAD_INDEX = -1
 """The index yielded for a padding slot: the dataset returns a placeholder sample flagged ``valid=False``."""
@@ -196,13 +190,11 @@ class GlobalBatchSampler(Sampler[list[int]]):
     micro-batches (e.g. a sample longer than the budget), naming the smallest budget that always fits, so no
     epoch can fail halfway.
 
-    Use it with ``GlobalBatchLoader(dataset, GlobalBatchSampler(...))`` (``lightning_accum.loader``),
-    which Lightning checkpoints and resumes mid-epoch, and
-    ``Trainer(use_distributed_sampler=False, accumulate_grad_batches=<the same K>)``. Lightning calls
-    ``set_epoch`` on ``batch_sampler.sampler`` at every epoch start. ``state_dict``/``load_state_dict``
-    save and restore the epoch and position. The position counts the micro-batches this sampler has
-    yielded; ``DataLoader`` workers run ahead of training, which is why ``GlobalBatchLoader`` saves the
-    position of the batches it has delivered instead.
+    Use it with ``GlobalBatchLoader(dataset, GlobalBatchSampler(...))``, which Lightning checkpoints and
+    resumes mid-epoch, and ``Trainer(use_distributed_sampler=False, accumulate_grad_batches=<the same K>)``.
+    Lightning calls ``set_epoch`` on ``batch_sampler.sampler`` at every epoch start. The sampler keeps no
+    count of what it yielded (``DataLoader`` workers run ahead of training): the loader owns the position of
+    the batches it delivered, and ``resume`` makes the next iteration start after them.
 
     Args:
         dataset_size: number of samples in the dataset.
@@ -280,13 +272,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.max_tokens = None if max_tokens is None else _positive_int("max_tokens", max_tokens)
         if self.max_tokens is not None:
             self._require_budget()
-        # What cuts the windows, as state_dict saves it: None, or a checksum of the lengths and max_tokens.
+        # What cuts the windows, as layout() reports it: None, or a checksum of the lengths and max_tokens.
         self._grouping: dict[str, int | None] | None = None
         if self.lengths is not None:
             checksum = zlib.crc32(array("q", self.lengths).tobytes())
             self._grouping = {"lengths_crc32": checksum, "max_tokens": self.max_tokens}
         self._resume: tuple[int, int] | None = None  # (epoch, micro-batch) where that epoch's next iteration starts
-        self._yielded = 0  # micro-batches yielded so far in the current epoch
 
     @property
     def effective_batch_size(self) -> int:
@@ -309,28 +300,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         windows = [(self.effective_batch_size, self.num_replicas * self.accumulate_grad_batches)] if full else []
         if rest:
             windows.append((rest, _slots(rest, self.num_replicas, self.micro_batch_size)))
-        needed = smallest_budget(self.lengths, windows)
-        if self.max_tokens >= needed:
-            return
-        longest = max(range(self.dataset_size), key=self.lengths.__getitem__)
-        if self.lengths[longest] > self.max_tokens:
-            problem = f"sample {longest} has {self.lengths[longest]} tokens, more than max_tokens={self.max_tokens}"
-        else:
-            longest_first = sorted(self.lengths, reverse=True)
-            samples, slots = next(
-                (samples, slots)
-                for samples, slots in windows
-                if fewest_micro_batches(longest_first[:samples], self.max_tokens) > slots
-            )
-            problem = (
-                f"a window of the {samples} longest samples does not fit its {slots} micro-batches of "
-                f"max_tokens={self.max_tokens} padded tokens"
-            )
-        raise ValueError(
-            f"{problem}. Use max_tokens>={needed} (the smallest budget every window of this dataset fits), or "
-            "truncate the longest samples, or split the effective batch into more micro-batches (a larger "
-            "accumulate_grad_batches with a smaller micro_batch_size)."
-        )
+        require_budget(self.lengths, windows, self.max_tokens)
 
     def require_split(self, accumulate_grad_batches: int, world_size: int, rank: int) -> None:
         """Raise unless this sampler was built for the run's K, world size and rank.
@@ -384,7 +354,6 @@ class GlobalBatchSampler(Sampler[list[int]]):
         size = self.effective_batch_size
         full, rest = self._windows()
         start, self._resume = self.start, None
-        self._yielded = start
         position = 0
         for step in range(full + (rest > 0)):
             window = order[step * size : (step + 1) * size]
@@ -394,10 +363,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
                 continue
             for batch in self._micro_batches(window):
                 if position >= start:
-                    self._yielded += 1
                     yield batch
                 position += 1
-        self._yielded = 0
 
     def _micro_batches(self, window: list[int]) -> list[list[int]]:
         """This rank's micro-batches of one window."""
@@ -407,11 +374,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
             window, self.lengths, self.num_replicas, self.rank, self.micro_batch_size, self.max_tokens
         )
 
-    def state_dict(self) -> dict[str, Any]:
-        """Return the epoch and the number of micro-batches yielded in it, with the layout they refer to."""
+    def layout(self) -> dict[str, Any]:
+        """The settings that decide which samples each micro-batch holds: what a saved position refers to."""
         return {
-            "epoch": self.epoch,
-            "micro_batches": self._yielded,
             "dataset_size": self.dataset_size,
             "micro_batch_size": self.micro_batch_size,
             "accumulate_grad_batches": self.accumulate_grad_batches,
@@ -422,20 +387,29 @@ class GlobalBatchSampler(Sampler[list[int]]):
             "grouping": None if self._grouping is None else dict(self._grouping),
         }
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume: the next iteration of the saved epoch continues after the saved position (another epoch is whole).
+    def resume(self, epoch: int, micro_batches: int, layout: dict[str, Any]) -> None:
+        """Make the next iteration of ``epoch`` continue after its first ``micro_batches`` under ``layout``.
 
-        The dataset size, shuffle, seed, drop_last, length grouping and effective batch must match the saved
-        ones. The split (``num_replicas``, ``accumulate_grad_batches``, ``micro_batch_size``) may differ when
-        the position is at an optimizer-step boundary, which is where checkpoints are taken.
+        ``layout`` is the ``layout()`` of the sampler that delivered them. The dataset size, shuffle, seed,
+        drop_last, length grouping and effective batch must match this sampler's; the split (``num_replicas``,
+        ``accumulate_grad_batches``, ``micro_batch_size``) may differ at an optimizer-step boundary. Another
+        epoch's iteration is whole. ``GlobalBatchLoader.load_state_dict`` calls it.
+
+        Example::
+
+            >>> saved = GlobalBatchSampler(30, 2, 4, num_replicas=1, rank=0, seed=9)  # 1 rank x K=4 x B=2
+            >>> resumed = GlobalBatchSampler(30, 4, 1, num_replicas=2, rank=0, seed=9)  # 2 ranks x K=1 x B=4
+            >>> resumed.resume(epoch=0, micro_batches=8, layout=saved.layout())  # after 2 steps of 4 micro-batches
+            >>> resumed.start
+            2
         """
         for key in ("dataset_size", "shuffle", "seed", "drop_last"):
-            if state_dict[key] != self._setting(key):
+            if layout[key] != self._setting(key):
                 raise ValueError(
-                    f"Cannot resume: the saved sampler has {key}={state_dict[key]!r}, this one {self._setting(key)!r}. "
-                    f"Build the GlobalBatchSampler with {key}={state_dict[key]!r}."
+                    f"Cannot resume: the saved sampler has {key}={layout[key]!r}, this one {self._setting(key)!r}. "
+                    f"Build the GlobalBatchSampler with {key}={layout[key]!r}."
                 )
-        saved_grouping = state_dict.get("grouping")  # absent from checkpoints of earlier versions: no grouping
+        saved_grouping = layout.get("grouping")  # absent from checkpoints of earlier versions: no grouping
         if saved_grouping != self._grouping:
             raise ValueError(
                 f"Cannot resume: the saved sampler cut its windows with grouping={saved_grouping!r}, this one with "
@@ -443,22 +417,22 @@ class GlobalBatchSampler(Sampler[list[int]]):
                 "GlobalBatchSampler with the saved `lengths` and `max_tokens` (none for grouping=None), e.g. the "
                 "data module's group_by_length and max_tokens of the checkpointed run."
             )
-        saved_k = state_dict["accumulate_grad_batches"]
-        saved_e = state_dict["num_replicas"] * saved_k * state_dict["micro_batch_size"]
+        saved_r, saved_k, saved_b = (
+            layout[key] for key in ("num_replicas", "accumulate_grad_batches", "micro_batch_size")
+        )
+        saved_e = saved_r * saved_k * saved_b
         if saved_e != self.effective_batch_size:
             raise ValueError(
                 f"Cannot resume: the saved effective batch is {saved_e} samples per step, this sampler's is "
                 f"{self.effective_batch_size}. Keep num_replicas * accumulate_grad_batches * micro_batch_size equal."
             )
-        saved_r, saved_b = state_dict["num_replicas"], state_dict["micro_batch_size"]
-        saved_length = self._micro_batches_per_epoch(saved_r, saved_k, saved_b)
-        steps, within = divmod(state_dict["micro_batches"], saved_k)
+        steps, within = divmod(micro_batches, saved_k)
         same_split = (saved_r, saved_k, saved_b) == (
             self.num_replicas,
             self.accumulate_grad_batches,
             self.micro_batch_size,
         )
-        if state_dict["micro_batches"] >= saved_length:  # the saved epoch is complete
+        if micro_batches >= self._micro_batches_per_epoch(saved_r, saved_k, saved_b):  # the saved epoch is complete
             position = len(self)
         elif within and not same_split:
             raise ValueError(
@@ -467,9 +441,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
             )
         else:
             position = steps * self.accumulate_grad_batches + within
-        self.sampler.set_epoch(state_dict["epoch"])
-        self._resume = (state_dict["epoch"], position)
-        self._yielded = self.start
+        self.sampler.set_epoch(epoch)
+        self._resume = (epoch, position)
 
     def _setting(self, key: str) -> Any:
         return getattr(self.sampler, key) if key in ("shuffle", "seed") else getattr(self, key)

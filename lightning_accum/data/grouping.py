@@ -152,3 +152,40 @@ def smallest_budget(lengths: Sequence[int], windows: Sequence[tuple[int, int]]) 
         middle = (low + high) // 2
         low, high = (low, middle) if fits(middle) else (middle + 1, high)
     return low
+
+
+def require_budget(lengths: Sequence[int], windows: Sequence[tuple[int, int]], max_tokens: int) -> None:
+    """Raise a ``ValueError`` naming the smallest budget that fits, unless every window fits within ``max_tokens``.
+
+    ``windows`` holds ``(samples, micro-batches)`` pairs, as for ``smallest_budget``.
+
+    Example::
+
+        >>> require_budget([9, 1, 1, 1, 5, 5, 2, 2], windows=[(4, 2)], max_tokens=15)
+        >>> require_budget([9, 1, 1, 1, 5, 5, 2, 2], windows=[(4, 2)], max_tokens=12)
+        Traceback (most recent call last):
+        ...
+        ValueError: a window of the 4 longest samples does not fit its 2 micro-batches of max_tokens=12 padded ...
+    """
+    needed = smallest_budget(lengths, windows)
+    if max_tokens >= needed:
+        return
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    if lengths[longest] > max_tokens:
+        problem = f"sample {longest} has {lengths[longest]} tokens, more than max_tokens={max_tokens}"
+    else:
+        longest_first = sorted(lengths, reverse=True)
+        samples, slots = next(
+            (samples, slots)
+            for samples, slots in windows
+            if fewest_micro_batches(longest_first[:samples], max_tokens) > slots
+        )
+        problem = (
+            f"a window of the {samples} longest samples does not fit its {slots} micro-batches of "
+            f"max_tokens={max_tokens} padded tokens"
+        )
+    raise ValueError(
+        f"{problem}. Use max_tokens>={needed} (the smallest budget every window of this dataset fits), or "
+        "truncate the longest samples, or split the effective batch into more micro-batches (a larger "
+        "accumulate_grad_batches with a smaller micro_batch_size)."
+    )

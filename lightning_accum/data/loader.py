@@ -15,14 +15,14 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_accum.data.sampler import GlobalBatchSampler
 from lightning_accum.lightning_internals import require_stateful_loader_support
-from lightning_accum.sampler import GlobalBatchSampler
 
 
 class GlobalBatchLoader(DataLoader):
-    """``DataLoader(dataset, batch_sampler=sampler)`` whose state is the position of the batches it delivered.
+    """``DataLoader(dataset, batch_sampler=sampler)`` that owns the position of the batches it delivered.
 
-    ``state_dict()`` is the sampler's state with ``epoch`` and ``micro_batches`` set to the batches this
+    ``state_dict()`` is the sampler's ``layout()`` with ``epoch`` and ``micro_batches``: the batches this
     loader's iterator has handed out (not how far workers have pulled indices from the sampler);
     ``load_state_dict`` makes the next iteration of that epoch start right after them. Lightning calls
     both, so ``trainer.fit(model, ckpt_path=...)`` from a mid-epoch checkpoint continues the epoch with
@@ -59,22 +59,26 @@ class GlobalBatchLoader(DataLoader):
 
     def __iter__(self) -> Iterator[Any]:
         sampler = self.batch_sampler
-        epoch, delivered = sampler.epoch, sampler.start  # read before workers pull indices, which resets start
+        epoch, delivered = sampler.epoch, sampler.start  # read before workers pull indices, which clears start
         self._position = (epoch, delivered)
         for batch in super().__iter__():
             delivered += 1
             self._position = (epoch, delivered)
             yield batch
 
+    @property
+    def position(self) -> tuple[int, int]:
+        """``(epoch, micro-batches delivered in it)``; before any iteration, where the next one starts."""
+        sampler = self.batch_sampler
+        return (sampler.epoch, sampler.start) if self._position is None else self._position
+
     def state_dict(self) -> dict[str, Any]:
-        """The sampler's state at the position of the micro-batches delivered in the current (or last) epoch."""
-        state = self.batch_sampler.state_dict()
-        if self._position is not None:
-            state["epoch"], state["micro_batches"] = self._position
-        return state
+        """The sampler's layout and the position of the micro-batches delivered in the current (or last) epoch."""
+        epoch, micro_batches = self.position
+        return {**self.batch_sampler.layout(), "epoch": epoch, "micro_batches": micro_batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume the sampler at the saved position (see ``GlobalBatchSampler.load_state_dict``).
+        """Resume the sampler at the saved position (see ``GlobalBatchSampler.resume``).
 
         The split (``num_replicas``, ``accumulate_grad_batches``, ``micro_batch_size``) must be the saved one:
         Lightning restores its own batch counters in micro-batches of the saved split.
@@ -88,5 +92,5 @@ class GlobalBatchLoader(DataLoader):
                 f"micro_batch_size) = {saved}, this loader {ours}, and Lightning counts the batches of the resumed "
                 f"run in the saved split. Resume with {saved}."
             )
-        sampler.load_state_dict(state_dict)
+        sampler.resume(state_dict["epoch"], state_dict["micro_batches"], state_dict)
         self._position = None
