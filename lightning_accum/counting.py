@@ -89,3 +89,25 @@ def masked_sum_and_count(losses: Tensor, mask: Tensor | None = None) -> tuple[Te
     counted = mask if mask.dtype == torch.bool else mask != 0
     loss_sum = torch.where(counted, losses, torch.zeros((), dtype=losses.dtype, device=losses.device))
     return loss_sum.sum(dtype=sum_dtype), counted.sum(dtype=dtype)
+
+
+def item_mean(losses: Tensor, mask: Tensor | None = None) -> Tensor:
+    """The mean over one batch's counted items, for every path outside the rescaler's window (validation, test,
+    Lightning's Tuner).
+
+    A batch with no counted item has no mean: it gives ``nan``, with a zero gradient, so a backward of it (the
+    Tuner's) changes nothing.
+
+    Example::
+
+        >>> losses = torch.tensor([1.0, 2.0, 6.0], requires_grad=True)
+        >>> item_mean(losses, torch.tensor([True, False, True]))
+        tensor(3.5000, grad_fn=<WhereBackward0>)
+        >>> empty = item_mean(losses, torch.zeros(3, dtype=torch.bool))
+        >>> empty.backward()
+        >>> empty, losses.grad
+        (tensor(nan, grad_fn=<WhereBackward0>), tensor([0., 0., 0.]))
+    """
+    loss_sum, items = masked_sum_and_count(losses, mask)
+    mean = loss_sum / items.clamp_min(1).to(loss_sum.dtype)
+    return torch.where(items > 0, mean, torch.full_like(mean, float("nan")))

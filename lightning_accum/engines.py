@@ -1,18 +1,27 @@
-"""One weighting engine per mode: the loss a micro-batch returns, and what happens before the optimizer step.
+"""One weighting engine per mode: a window's whole life, from its first micro-batch to the optimizer step.
 
-Both engines count a micro-batch's items only when a backward pass carries its loss (a hook on the loss
-they return), and forget them when the gradients are zeroed or the window is dropped (``forget_window``).
-So the window's counts always describe the gradients that the optimizer step sees: a loss that is never
-backpropagated (a skipped batch, a loss computed for logging) counts nothing. Engines know nothing of
-Lightning; ``SampleCountRescaler`` hands them the run's K, world size and collectives in a ``RunState``.
+The protocol (``WeightingEngine``), in the order a fit calls it:
 
-Per optimizer step an engine makes one all-reduce of its window totals and one host read (``int`` of a
-verdict that packs every decision), then rescales the gradients in place where its mode needs it.
+- ``begin_fit(run)``: the fit's constants (``run.Run``), once per fit;
+- ``start_micro_batch(batch_idx, batch, upcoming)``: a training batch starts (look-ahead counts a window's
+  items here, reading its batches with ``upcoming``);
+- ``micro_batch_loss(loss_sum, items)``: the loss ``sample_loss`` returns for a micro-batch's counted loss sum
+  and item count;
+- ``check_backward(loss)``: what a backward carries (``contract.BackwardContract``);
+- ``forget_window()``: the gradients were zeroed;
+- ``finish_window(params, ends_epoch, epoch_batches)``: before the optimizer step, after AMP unscaling: one
+  all-reduce of the window's totals, one host read of the verdict, the gradients made the item mean;
+- ``stepped_unfinished()``: after an optimizer step, whether it bypassed ``finish_window``;
+- ``state_dict()`` / ``load_state_dict()``; ``partial_window()`` / ``restore_window()`` for a checkpoint inside
+  a window.
+
+Both engines count a micro-batch's items only when a backward pass carries its loss (a hook on the loss they
+return), and forget them when the gradients are zeroed or the window is dropped, so the window's counts always
+describe the gradients that the optimizer step sees. Engines know nothing of Lightning.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,85 +30,85 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_accum.contract import BackwardContract, gradient_totals, weights_differ
 from lightning_accum.counting import count_dtype
+from lightning_accum.lookahead import as_count
+from lightning_accum.run import Run
 from lightning_accum.scaling import deferred_loss, lookahead_loss_factor, scale_gradients_, window_rescale_factor
+from lightning_accum.totals import EpochAgreement, Verdict, WindowTotals
 from lightning_accum.window import ItemWindow
 
-EMPTY, RANKS_DISAGREE, WEIGHTS_DIFFER, COUNT_MISMATCH, NOT_ALL_CARRIED = 1, 2, 4, 8, 16
-"""Bits of a step's verdict: no item counted; ranks disagree on the epoch ending; the window's sample_loss outputs
-were backpropagated with different weights; look-ahead's count differs from the masks'; look-ahead counted
-micro-batches that no backward carried."""
-
-WEIGHT_TOLERANCE = 1e-6
-"""Relative spread of the gradients reaching the outputs that still counts as one weight (float rounding)."""
+Upcoming = Callable[[int], Sequence[Any]]
+"""``upcoming(n)``: the next ``n`` batches of the epoch (fewer at its end), read without consuming them."""
 
 
 @dataclass(frozen=True)
-class RunState:
-    """What an engine needs to know about the run at a micro-batch or an optimizer step.
+class FinishedWindow:
+    """A finished window's global totals (over all ranks) and its verdict."""
 
-    ``accumulate_grad_batches`` is the K that Lightning divides each loss by (1 with manual optimization);
-    ``reduce_sum`` and ``reduce_mean`` all-reduce a tensor over the data-parallel ranks.
-    """
+    totals: WindowTotals
+    verdict: Verdict
 
-    accumulate_grad_batches: int
-    world_size: int
-    device: torch.device
-    reduce_sum: Callable[[Tensor], Tensor]
-    reduce_mean: Callable[[Tensor], Tensor]
+    @property
+    def empty(self) -> bool:
+        """No item counted on any rank: no update was made."""
+        return bool(self.verdict & Verdict.EMPTY)
 
-    @classmethod
-    def single_process(cls, accumulate_grad_batches: int = 1) -> RunState:
-        """A run in one process on the CPU (for examples and tests without a Trainer)."""
-        return cls(accumulate_grad_batches, 1, torch.device("cpu"), lambda t: t, lambda t: t)
-
-
-@dataclass(frozen=True)
-class WindowTotals:
-    """A finished window's global sum of counted item losses and item count; ``empty``: no item, no update."""
-
-    loss_sum: Tensor
-    items: Tensor
-    empty: bool
+    @property
+    def mean_loss(self) -> Tensor:
+        """The window's item-mean loss; ``nan`` for an empty window (Lightning would re-log a stale value)."""
+        if self.empty:
+            return torch.full_like(self.totals.items, float("nan"))
+        return self.totals.loss_sum / self.totals.items
 
 
 class WeightingEngine(ABC):
-    """The interface of both modes: ``micro_batch_loss`` per micro-batch, ``finish_window`` before the step."""
+    """A window's life in one mode (see the module docstring for the protocol)."""
 
-    # Each backward adds [loss sum, items, outputs, sum of g, sum of g^2] to the window, g being the gradient that
-    # reaches a sample_loss output: equal for every output of the window (on every rank) when they are summed
-    # with one weight, which the step checks as n * sum(g^2) == sum(g)^2.
-    totals_size = 5
     resumes_mid_window = True  # a checkpoint inside a window can carry the window's totals and gradients
 
     def __init__(self) -> None:
-        self._window = ItemWindow(self.totals_size)
-        self.reset()
+        self.window = ItemWindow()
+        self.begin_fit(Run.single_process())
 
-    def reset(self) -> None:
-        """Forget everything of a previous fit (a fit stopped mid-window leaves a partial window)."""
-        self._window.reset()
+    def begin_fit(self, run: Run) -> None:
+        """Start a fit: its constants, and nothing left of a previous fit (one stopped mid-window)."""
+        self.run = run
+        self.contract = BackwardContract(run.module_name, run.helper)
+        self.window.reset()
+        self._finished = False
+
+    def start_micro_batch(self, batch_idx: int, batch: Any, upcoming: Upcoming) -> None:
+        """Training batch ``batch_idx`` of the epoch starts (``batch``: as ``training_step`` receives it)."""
+        self.contract.start_micro_batch()
+
+    def micro_batch_loss(self, loss_sum: Tensor, items: Tensor) -> Tensor:
+        """The loss to backpropagate for a micro-batch with this sum of counted item losses and item count."""
+        loss = self._loss(loss_sum, items)
+        self.contract.record(loss)
+        if loss.requires_grad:  # one without a graph is only logged: a backward never carries it
+            counted = loss_sum.detach().to(items)
+            expected = self._expected_items()
+
+            def carry(grad: Tensor) -> None:  # each time, and only when, a backward reaches this loss
+                g = grad.detach().to(items)
+                expected_items = items.new_zeros(()) if expected is None else expected().to(items)
+                self.window.add(WindowTotals(counted, items, *gradient_totals(g), expected_items).pack())
+
+            loss.register_hook(carry)
+        return loss
+
+    def check_backward(self, loss: Tensor) -> None:
+        """Raise, naming the fix, unless ``loss`` carries this micro-batch's outputs as the contract says."""
+        self.contract.check(loss)
 
     def forget_window(self) -> None:
         """The window's gradients were zeroed or dropped: its counts go with them."""
-        self._window.reset()
-
-    def partial_window(self) -> Tensor | None:
-        """This rank's totals of the window so far, or ``None`` if no backward was carried since it began."""
-        return self._window.totals
-
-    def restore_window(self, totals: Tensor) -> None:
-        """Continue a window whose first micro-batches a resumed checkpoint carried (their totals on this rank)."""
-        self._window.reset()
-        self._window.add(totals)
-
-    @abstractmethod
-    def micro_batch_loss(self, loss_sum: Tensor, items: Tensor, run: RunState) -> Tensor:
-        """The loss to backpropagate for a micro-batch with this sum of counted item losses and item count."""
+        self.window.reset()
 
     def finish_window(
-        self, params: Sequence[torch.nn.Parameter], run: RunState, ends_epoch: bool, epoch_batches: float
-    ) -> WindowTotals:
+        self, params: Sequence[torch.nn.Parameter], ends_epoch: bool, epoch_batches: float
+    ) -> FinishedWindow:
         """Before the optimizer step: reduce the window over ranks and make ``params``' gradients the item mean.
 
         ``ends_epoch`` says whether this window ends the epoch on this rank and ``epoch_batches`` how many
@@ -107,73 +116,75 @@ class WeightingEngine(ABC):
         collectives at the epoch's end, so every rank raises instead, at the first step where it shows. An empty
         window sets the gradients to ``None`` (the optimizer then leaves parameters and state untouched).
         """
-        local = self._window.take(run.device, count_dtype(run.device))
-        known = math.isfinite(epoch_batches)
-        n = epoch_batches if known else 0.0
-        agreement = torch.empty(4, dtype=local.dtype, device=local.device)
-        for i, value in enumerate((float(ends_epoch), float(known), n, n * n)):
-            agreement[i] = value  # a fill with a host scalar: no host-to-device copy, so no synchronisation
-        totals = run.reduce_sum(torch.cat([local, agreement]))
-        verdict = int(self._verdict(totals, run.world_size))  # the one host read per optimizer step
-        self._raise_for(verdict, totals, run.world_size)
-        if verdict & EMPTY:
+        device = self.run.device
+        local = self.window.take(device, count_dtype(device))
+        agreement = EpochAgreement.of_rank(ends_epoch, epoch_batches, local.device, local.dtype)
+        reduced = self.run.reduce_sum(torch.cat([local, agreement.pack()]))
+        totals = WindowTotals.unpack(reduced[: WindowTotals.size()])
+        agreement = EpochAgreement.unpack(reduced[WindowTotals.size() :])
+        verdict = Verdict(int(Verdict.of(**self._flags(totals, agreement))))  # the one host read per step
+        self._raise_for(verdict, totals, agreement)
+        if verdict & Verdict.EMPTY:
             for p in params:
                 p.grad = None
         else:
-            grads = [p.grad for p in params if p.grad is not None]
-            self._rescale(grads, totals, verdict, run)
-        return WindowTotals(loss_sum=totals[0], items=totals[1], empty=bool(verdict & EMPTY))
+            self._rescale([p.grad for p in params if p.grad is not None], totals, verdict)
+        self._finished = True
+        return FinishedWindow(totals, verdict)
 
-    def _carry(self, loss: Tensor, loss_sum: Tensor, items: Tensor, extra: Callable[[], list[Tensor]] = list) -> Tensor:
-        """Add the micro-batch's totals (and ``extra()``) to the window when, and each time, a backward reaches
-        ``loss``."""
-        if not loss.requires_grad:
-            return loss
-        counted = loss_sum.detach().to(items)
+    def stepped_unfinished(self) -> bool:
+        """After an optimizer step: True if it stepped without ``finish_window`` (its gradient was not rescaled)."""
+        finished, self._finished = self._finished, False
+        return not finished
 
-        def carry(grad: Tensor) -> None:
-            g = grad.detach().to(items)
-            self._window.add(torch.stack([counted, items, torch.ones_like(g), g, g * g, *extra()]))
+    def partial_window(self) -> Tensor | None:
+        """This rank's packed ``WindowTotals`` so far, or ``None`` if no backward was carried since it began."""
+        return self.window.packed
 
-        loss.register_hook(carry)
-        return loss
-
-    def _verdict(self, totals: Tensor, world_size: int) -> Tensor:
-        ranks_ending, ranks_known, n_sum, n_squares = totals[-4], totals[-3], totals[-2], totals[-1]
-        # Equal batch counts on every rank <=> R * sum(n^2) == sum(n)^2 (checked when every rank knows its count).
-        uneven = (ranks_known == world_size) & (world_size * n_squares != n_sum * n_sum)
-        disagree = ((ranks_ending != 0) & (ranks_ending != world_size)) | uneven
-        outputs, g_sum, g_squares = totals[2], totals[3], totals[4]
-        spread = (outputs * g_squares - g_sum * g_sum).abs() > WEIGHT_TOLERANCE * g_sum * g_sum
-        return (totals[1] == 0).int() * EMPTY + disagree.int() * RANKS_DISAGREE + spread.int() * WEIGHTS_DIFFER
-
-    def _raise_for(self, verdict: int, totals: Tensor, world_size: int) -> None:
-        """Raise the error that a verdict bit stands for."""
-        if verdict & RANKS_DISAGREE:
-            raise RuntimeError(
-                "The ranks ran different numbers of batches this epoch (their data loaders have different lengths, "
-                f"or {int(totals[-4])} of {world_size} ranks ended their epoch at this step): at the epoch's end one "
-                "rank would wait forever for the others. Give every rank the same number of batches, e.g. with "
-                "GlobalBatchLoader(dataset, GlobalBatchSampler(...)) and Trainer(use_distributed_sampler=False), "
-                "which pads short ranks with placeholder samples that count nothing."
-            )
-        if verdict & WEIGHTS_DIFFER:
-            raise RuntimeError(
-                "The sample_loss outputs of this window were backpropagated with different weights (e.g. "
-                "`2 * self.sample_loss(a) + self.sample_loss(b)`, or a factor that changes between micro-batches or "
-                "ranks), but SampleCountRescaler makes every counted item weigh the same. Backpropagate their plain "
-                "sum (a constant factor on the whole loss is fine); to weight items, weight the per-item losses."
-            )
-
-    @abstractmethod
-    def _rescale(self, grads: list[Tensor], totals: Tensor, verdict: int, run: RunState) -> None:
-        """Make the accumulated gradients of a non-empty window the item mean."""
+    def restore_window(self, packed: Tensor) -> None:
+        """Continue a window whose first micro-batches a resumed checkpoint carried (their totals on this rank)."""
+        self.window.reset()
+        self.window.add(packed)
 
     def state_dict(self) -> dict[str, Any]:
         return {}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         return None
+
+    @abstractmethod
+    def _loss(self, loss_sum: Tensor, items: Tensor) -> Tensor:
+        """The mode's micro-batch loss."""
+
+    def _expected_items(self) -> Callable[[], Tensor] | None:
+        """What a backward of the current micro-batch adds to ``expected_items`` (called when it runs); None: 0."""
+        return None
+
+    def _flags(self, totals: WindowTotals, agreement: EpochAgreement) -> dict[str, Tensor]:
+        """The verdict's flags, as 0-dim bool tensors on the device."""
+        return {
+            "EMPTY": totals.items == 0,
+            "RANKS_DISAGREE": agreement.disagree(self.run.world_size),
+            "WEIGHTS_DIFFER": weights_differ(totals),
+        }
+
+    def _raise_for(self, verdict: Verdict, totals: WindowTotals, agreement: EpochAgreement) -> None:
+        """Raise the error that a verdict flag stands for."""
+        if verdict & Verdict.RANKS_DISAGREE:
+            raise RuntimeError(
+                "The ranks ran different numbers of batches this epoch (their data loaders have different lengths, "
+                f"or {int(agreement.ranks_ending)} of {self.run.world_size} ranks ended their epoch at this step): at "
+                "the epoch's end one rank would wait forever for the others. Give every rank the same number of "
+                "batches, e.g. with GlobalBatchLoader(dataset, GlobalBatchSampler(...)) and "
+                "Trainer(use_distributed_sampler=False), which pads short ranks with placeholder samples that count "
+                "nothing."
+            )
+        if verdict & Verdict.WEIGHTS_DIFFER:
+            raise RuntimeError(self.contract.weights_message())
+
+    @abstractmethod
+    def _rescale(self, grads: list[Tensor], totals: WindowTotals, verdict: Verdict) -> None:
+        """Make the accumulated gradients of a non-empty window the item mean."""
 
 
 class DeferredEngine(WeightingEngine):
@@ -185,31 +196,34 @@ class DeferredEngine(WeightingEngine):
     Example::
 
         >>> w = torch.ones(2, requires_grad=True)
-        >>> engine, run = DeferredEngine(), RunState.single_process(accumulate_grad_batches=2)
+        >>> engine = DeferredEngine()
+        >>> engine.begin_fit(Run.single_process(accumulate_grad_batches=2))
         >>> for x in (torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])):
         ...     losses = x @ w                          # one loss per sample
-        ...     loss = engine.micro_batch_loss(losses.sum(), torch.tensor(float(len(x)), dtype=torch.float64), run)
+        ...     loss = engine.micro_batch_loss(losses.sum(), torch.tensor(float(len(x)), dtype=torch.float64))
         ...     (loss / 2).backward()                   # Lightning divides by K
-        >>> totals = engine.finish_window([w], run, ends_epoch=False, epoch_batches=2)
-        >>> w.grad, totals.items                        # the mean over the 4 samples
+        >>> finished = engine.finish_window([w], ends_epoch=False, epoch_batches=2)
+        >>> w.grad, finished.totals.items               # the mean over the 4 samples
         (tensor([4., 5.]), tensor(4., dtype=torch.float64))
     """
 
-    def reset(self) -> None:
-        super().reset()
+    def begin_fit(self, run: Run) -> None:
+        super().begin_fit(run)
         self._unit: Tensor | None = None
 
-    def micro_batch_loss(self, loss_sum: Tensor, items: Tensor, run: RunState) -> Tensor:
+    def _loss(self, loss_sum: Tensor, items: Tensor) -> Tensor:
         if self._unit is None:
             # Once per run, on every rank at its first micro-batch, so that all ranks divide by the same constant.
-            self._unit = run.reduce_mean(items.clone()).clamp_min(1.0)
+            self._unit = self.run.reduce_mean(items.clone()).clamp_min(1.0)
         self._unit = self._unit.to(device=items.device, dtype=items.dtype)  # a checkpoint restores it on the CPU
-        return self._carry(deferred_loss(loss_sum, self._unit), loss_sum, items)
+        return deferred_loss(loss_sum, self._unit)
 
-    def _rescale(self, grads: list[Tensor], totals: Tensor, verdict: int, run: RunState) -> None:
+    def _rescale(self, grads: list[Tensor], totals: WindowTotals, verdict: Verdict) -> None:
         assert self._unit is not None, "a window with counted items had a micro-batch loss"
-        factor = window_rescale_factor(run.accumulate_grad_batches, run.world_size, self._unit, totals[1])
-        scale_gradients_(grads, factor)
+        run = self.run
+        scale_gradients_(
+            grads, window_rescale_factor(run.accumulate_grad_batches, run.world_size, self._unit, totals.items)
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"items_per_micro_batch": None if self._unit is None else float(self._unit)}
@@ -222,109 +236,122 @@ class DeferredEngine(WeightingEngine):
 class LookaheadEngine(WeightingEngine):
     """Look-ahead mode: the window's items are counted before its first backward and each loss is exact.
 
-    ``start_window`` takes this rank's per-micro-batch counts of the window (from ``count_items``) and
-    all-reduces their sum once; ``at_micro_batch`` says which batch of the epoch runs next. At the
-    step, the counts of the micro-batches that a backward carried are checked against the masks that
-    ``sample_loss`` saw. Micro-batches counted ahead but never backpropagated (a skipped batch, an epoch ended
-    early) are missing from the gradient; the step then rescales it by ``N_counted / N_carried``.
+    At a window's first micro-batch, ``start_micro_batch`` reads the window's batches (``upcoming``), counts
+    them with ``run.count_items`` and all-reduces the total once. At the step, the counts of the micro-batches
+    that a backward carried are checked against the masks that ``sample_loss`` saw. Micro-batches counted ahead
+    but never backpropagated (a skipped batch, an epoch ended early) are missing from the gradient; the step
+    then rescales it by ``N_counted / N_carried``.
 
     Example::
 
         >>> w = torch.ones(2, requires_grad=True)
-        >>> engine, run = LookaheadEngine(), RunState.single_process(accumulate_grad_batches=2)
+        >>> engine = LookaheadEngine()
+        >>> run = Run.single_process(accumulate_grad_batches=2)
+        >>> run.count_items = len
+        >>> engine.begin_fit(run)
         >>> batches = [torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0], [5.0, 6.0], [7.0, 8.0]])]
-        >>> engine.start_window(torch.tensor([1.0, 3.0], dtype=torch.float64), run)
         >>> for batch_idx, x in enumerate(batches):
-        ...     engine.at_micro_batch(batch_idx, run.accumulate_grad_batches)
-        ...     loss = engine.micro_batch_loss((x @ w).sum(), torch.tensor(float(len(x)), dtype=torch.float64), run)
+        ...     engine.start_micro_batch(batch_idx, x, upcoming=lambda n: batches[batch_idx + 1 :][:n])
+        ...     loss = engine.micro_batch_loss((x @ w).sum(), torch.tensor(float(len(x)), dtype=torch.float64))
         ...     (loss / 2).backward()
-        >>> totals = engine.finish_window([w], run, ends_epoch=False, epoch_batches=2)
-        >>> w.grad
-        tensor([4., 5.])
+        >>> w.grad, engine.finish_window([w], ends_epoch=False, epoch_batches=2).totals.items
+        (tensor([4., 5.]), tensor(4., dtype=torch.float64))
     """
 
-    totals_size = 6  # the base totals, then the items that count_items counted in the same micro-batches
     resumes_mid_window = False  # the window's look-ahead count cannot be rebuilt: refused at the resumed batch
 
-    def reset(self) -> None:
-        super().reset()
+    def begin_fit(self, run: Run) -> None:
+        super().begin_fit(run)
         self._counts: Tensor | None = None  # this rank's count of each micro-batch of the window
         self._window_items: Tensor | None = None  # the window's global count
-        self._k = 0
-        self._offset = 0
+        self._k = 0  # the K the window was counted for
+        self._offset = 0  # the running micro-batch's position in the window
         self._carried: set[int] = set()  # offsets of the micro-batches a backward carried
 
     def forget_window(self) -> None:
         super().forget_window()
         self._carried = set()
 
-    def start_window(self, counts: Tensor, run: RunState) -> None:
-        """Start a window whose micro-batches count ``counts`` items on this rank (one all-reduce)."""
-        self._counts = counts
-        self._window_items = run.reduce_sum(counts.sum())
-        self._k = run.accumulate_grad_batches
-        self._offset = 0
-
-    def at_micro_batch(self, batch_idx: int, accumulate_grad_batches: int) -> None:
-        """Batch ``batch_idx`` of the epoch runs next; raise if it continues a window this engine did not start."""
-        offset = batch_idx % accumulate_grad_batches
-        if offset and self._window_items is None:
+    def start_micro_batch(self, batch_idx: int, batch: Any, upcoming: Upcoming) -> None:
+        super().start_micro_batch(batch_idx, batch, upcoming)
+        k = self.run.accumulate_grad_batches
+        offset = batch_idx % k
+        if offset == 0:
+            self._count_window([batch, *upcoming(k - 1)])
+        elif self._window_items is None:
             raise RuntimeError(
                 f"SampleCountRescaler(mode='lookahead') cannot start in the middle of a window (batch {batch_idx}, "
-                f"K={accumulate_grad_batches}): its first batches were trained before this fit resumed from a "
-                "checkpoint saved mid-window. Save checkpoints at step boundaries "
-                "(ModelCheckpoint(every_n_train_steps=...)), or use the default mode."
+                f"K={k}): its first batches were trained before this fit resumed from a checkpoint saved "
+                "mid-window. Save checkpoints at step boundaries (ModelCheckpoint(every_n_train_steps=...)), or use "
+                "the default mode."
             )
-        if offset and accumulate_grad_batches != self._k:
+        elif k != self._k:
             raise RuntimeError(
-                f"accumulate_grad_batches changed from {self._k} to {accumulate_grad_batches} inside a window "
-                f"(batch {batch_idx}); change it only at epoch start (GradientAccumulationScheduler)."
+                f"accumulate_grad_batches changed from {self._k} to {k} inside a window (batch {batch_idx}); change "
+                "it only at epoch start (GradientAccumulationScheduler)."
             )
         self._offset = offset
 
-    def micro_batch_loss(self, loss_sum: Tensor, items: Tensor, run: RunState) -> Tensor:
-        if self._window_items is None or self._counts is None:
-            raise RuntimeError("sample_loss was called outside a look-ahead window (no training batch started).")
-        factor = lookahead_loss_factor(self._k, run.world_size, self._window_items)
-        loss = loss_sum * factor.to(device=loss_sum.device, dtype=loss_sum.dtype)
-        offset = self._offset
-        expected = self._counts[offset].to(items)
+    def _count_window(self, batches: Sequence[Any]) -> None:
+        """Count the window's micro-batches on this rank and all-reduce their total (one collective)."""
+        count_items = self.run.count_items
+        if count_items is None:
+            raise RuntimeError("LookaheadEngine needs run.count_items, the rule that counts a batch's items.")
+        device = self.run.device
+        self._counts = torch.stack([as_count(count_items(b), device, count_dtype(device)) for b in batches])
+        self._window_items = self.run.reduce_sum(self._counts.sum())
+        self._k = self.run.accumulate_grad_batches
 
-        def count_items_total() -> list[Tensor]:
+    def _loss(self, loss_sum: Tensor, items: Tensor) -> Tensor:
+        if self._window_items is None:
+            raise RuntimeError("sample_loss was called outside a look-ahead window (no training batch started).")
+        factor = lookahead_loss_factor(self._k, self.run.world_size, self._window_items)
+        return loss_sum * factor.to(device=loss_sum.device, dtype=loss_sum.dtype)
+
+    def _expected_items(self) -> Callable[[], Tensor] | None:
+        assert self._counts is not None, "a loss is computed inside a counted window"
+        offset, expected = self._offset, self._counts[self._offset]
+
+        def counted_once() -> Tensor:
             # A micro-batch's count_items total counts once, however many sample_loss outputs it backpropagates.
             first = offset not in self._carried
             self._carried.add(offset)
-            return [expected * first]
+            return expected * first
 
-        return self._carry(loss, loss_sum, items, count_items_total)
+        return counted_once
 
     def finish_window(
-        self, params: Sequence[torch.nn.Parameter], run: RunState, ends_epoch: bool, epoch_batches: float
-    ) -> WindowTotals:
+        self, params: Sequence[torch.nn.Parameter], ends_epoch: bool, epoch_batches: float
+    ) -> FinishedWindow:
         try:
-            return super().finish_window(params, run, ends_epoch, epoch_batches)
+            return super().finish_window(params, ends_epoch, epoch_batches)
         finally:
             # The window's count stays until the next window starts: a sample_loss after the step (logging in
             # on_train_batch_end) scales by it and, never backpropagated, counts nothing.
             self._carried = set()
 
-    def _verdict(self, totals: Tensor, world_size: int) -> Tensor:
-        assert self._window_items is not None, "finish_window follows start_window"
-        items, expected = totals[1], totals[5]  # then the 4 entries of the ranks' agreement
-        mismatch = (items != expected).int() * COUNT_MISMATCH
-        not_all_carried = (items != self._window_items.to(items)).int() * NOT_ALL_CARRIED
-        return super()._verdict(totals, world_size) + mismatch + not_all_carried
+    def _flags(self, totals: WindowTotals, agreement: EpochAgreement) -> dict[str, Tensor]:
+        assert self._window_items is not None, "finish_window follows a counted window"
+        return {
+            **super()._flags(totals, agreement),
+            "COUNT_MISMATCH": totals.items != totals.expected_items,
+            "NOT_ALL_CARRIED": totals.items != self._window_items.to(totals.items),
+        }
 
-    def _raise_for(self, verdict: int, totals: Tensor, world_size: int) -> None:
-        super()._raise_for(verdict, totals, world_size)
-        if verdict & COUNT_MISMATCH:
+    def _raise_for(self, verdict: Verdict, totals: WindowTotals, agreement: EpochAgreement) -> None:
+        super()._raise_for(verdict, totals, agreement)
+        if verdict & Verdict.COUNT_MISMATCH:
             raise RuntimeError(
-                f"count_items counted {float(totals[5]):g} items in the micro-batches of this window that were "
-                f"backpropagated, but their sample_loss masks counted {float(totals[1]):g}. Make count_items(batch) "
-                "apply the same rule as the loss mask."
+                f"count_items counted {float(totals.expected_items):g} items in the micro-batches of this window that "
+                f"were backpropagated, but their sample_loss masks counted {float(totals.items):g}. Make "
+                "count_items(batch) apply the same rule as the loss mask."
             )
 
-    def _rescale(self, grads: list[Tensor], totals: Tensor, verdict: int, run: RunState) -> None:
-        if verdict & NOT_ALL_CARRIED:
+    def _rescale(self, grads: list[Tensor], totals: WindowTotals, verdict: Verdict) -> None:
+        if verdict & Verdict.NOT_ALL_CARRIED:
             assert self._window_items is not None
-            scale_gradients_(grads, self._window_items.to(totals) / totals[1])
+            scale_gradients_(grads, self._window_items.to(totals.items) / totals.items)
+
+
+ENGINES: dict[str, type[WeightingEngine]] = {"deferred": DeferredEngine, "lookahead": LookaheadEngine}
+"""The engine of each ``SampleCountRescaler`` mode."""

@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_accum.counting import masked_sum_and_count
+from lightning_accum.counting import item_mean
 
 
 class SampleCountMixin:
@@ -15,7 +15,8 @@ class SampleCountMixin:
     ``sample_loss(losses, mask)`` takes one loss per item (any shape) and an optional mask of the items
     that count. During training it hands them to the Trainer's ``SampleCountRescaler``, which makes
     each optimizer step use the mean over all counted items of the window on all ranks. Outside
-    training (validation, test) it returns the plain mean over the counted items of the batch.
+    training (validation, test) it returns the plain mean over the counted items of the batch (``nan`` when
+    none counts).
     With manual optimization, ``sample_backward(losses, mask)`` replaces ``self.manual_backward(loss)``.
     ``SampleCountRescaler(mode="lookahead")`` counts batches ahead with ``count_items(batch)``.
 
@@ -61,8 +62,7 @@ class SampleCountMixin:
         """
         trainer = getattr(self, "_trainer", None)
         if trainer is None or not trainer.training:
-            loss_sum, items = masked_sum_and_count(losses, mask)
-            return loss_sum / items.to(loss_sum.dtype)
+            return item_mean(losses, mask)
         if not self.automatic_optimization:
             raise RuntimeError(
                 f"{type(self).__name__} uses manual optimization: call `self.sample_backward(losses, mask)` "

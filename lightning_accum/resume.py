@@ -21,6 +21,7 @@ from torch import Tensor
 from lightning_accum.counting import count_dtype
 from lightning_accum.engines import WeightingEngine
 from lightning_accum.support import shards_gradients
+from lightning_accum.totals import WindowTotals
 
 
 def gather_partial_window(
@@ -44,7 +45,7 @@ def gather_partial_window(
             f"{type(strategy).__name__}: the window's partial gradients are sharded over the ranks. Save checkpoints "
             "at optimizer-step boundaries, e.g. ModelCheckpoint(every_n_train_steps=...) or at epoch ends."
         )
-    totals = torch.zeros(engine.totals_size, dtype=count_dtype(device), device=device) if local is None else local
+    totals = torch.zeros(WindowTotals.size(), dtype=count_dtype(device), device=device) if local is None else local
     grad_dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
     grads = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
 

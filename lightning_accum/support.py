@@ -8,6 +8,7 @@ rescale factor is ``trainer.world_size``, and ``trainer.strategy.reduce`` sums t
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 from lightning.pytorch.plugins.precision import (
     DoublePrecision,
     FSDPPrecision,
@@ -26,7 +27,8 @@ from lightning.pytorch.strategies import (
     XLAStrategy,
 )
 
-from lightning_accum.lightning_internals import tensor_parallel_size
+from lightning_accum.lightning_internals import require_lookahead_support, require_loop_support, tensor_parallel_size
+from lightning_accum.mixin import SampleCountMixin
 
 SHARDED_STRATEGIES: tuple[type[Strategy], ...] = (FSDPStrategy, ModelParallelStrategy)
 SUPPORTED_STRATEGIES: tuple[type[Strategy], ...] = (SingleDeviceStrategy, DDPStrategy, *SHARDED_STRATEGIES)
@@ -110,4 +112,47 @@ def require_supported_precision(plugin: Precision) -> None:
         raise RuntimeError(
             f"SampleCountRescaler is not verified with the {type(plugin).__name__} precision plugin. Use "
             "precision='32-true', '64-true', '16-mixed', 'bf16-mixed', '16-true' or 'bf16-true'."
+        )
+
+
+def require_supported_fit(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, mode: str, rescaler_type: type[pl.Callback]
+) -> None:
+    """Raise, naming the fix, unless a ``rescaler_type`` callback in ``mode`` can make this fit's steps exact.
+
+    Exactly one rescaler, a module with ``SampleCountMixin``, automatic optimization for look-ahead mode, a
+    verified strategy and precision, and the Lightning internals the mode reads.
+    """
+    rescalers = [cb for cb in trainer.callbacks if isinstance(cb, rescaler_type)]
+    if len(rescalers) > 1:
+        raise RuntimeError(
+            f"Found {len(rescalers)} SampleCountRescaler callbacks; each would rescale the gradients. "
+            "Keep exactly one in Trainer(callbacks=[...])."
+        )
+    name = type(pl_module).__name__
+    if not isinstance(pl_module, SampleCountMixin):
+        raise TypeError(
+            f"SampleCountRescaler needs the LightningModule to inherit SampleCountMixin, but {name} does not. "
+            f"Declare it as `class {name}(SampleCountMixin, L.LightningModule)` and return "
+            "`self.sample_loss(losses, mask)` from training_step."
+        )
+    if mode == "lookahead" and not pl_module.automatic_optimization:
+        raise RuntimeError(
+            "SampleCountRescaler(mode='lookahead') needs automatic optimization, where Lightning decides "
+            f"the windows; {name} sets `automatic_optimization = False`. Use the "
+            "default mode with `self.sample_backward(losses, mask)` in your training_step."
+        )
+    require_supported_strategy(trainer.strategy)
+    require_supported_precision(trainer.precision_plugin)
+    require_loop_support()
+    if mode == "lookahead":
+        require_lookahead_support(trainer)
+
+
+def require_one_optimizer(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Raise unless the module configures exactly one optimizer (a window of items serves one step)."""
+    if len(trainer.optimizers) != 1:
+        raise RuntimeError(
+            f"SampleCountRescaler needs exactly one optimizer, {type(pl_module).__name__} configures "
+            f"{len(trainer.optimizers)}: one window of items cannot serve several optimizer steps."
         )

@@ -5,44 +5,41 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lightning_accum.totals import WindowTotals
+
 
 class ItemWindow:
-    """Sums fixed-size vectors of totals (``[loss sum, item count, ...]``) over a window without host syncs.
+    """Sums ``WindowTotals`` over a window's backward passes, on the device, without host synchronisation.
 
     Example::
 
-        >>> window = ItemWindow(size=2)
-        >>> window.add(torch.tensor([3.0, 2.0], dtype=torch.float64))
-        >>> window.add(torch.tensor([1.0, 2.0], dtype=torch.float64))
-        >>> window.take(torch.device("cpu"), torch.float64)
-        tensor([4., 4.], dtype=torch.float64)
-        >>> window.take(torch.device("cpu"), torch.float64)
-        tensor([0., 0.], dtype=torch.float64)
+        >>> window = ItemWindow()
+        >>> one = torch.ones(WindowTotals.size(), dtype=torch.float64)
+        >>> window.add(one)
+        >>> window.add(2 * one)
+        >>> WindowTotals.unpack(window.take(torch.device("cpu"), torch.float64)).items
+        tensor(3., dtype=torch.float64)
+        >>> WindowTotals.unpack(window.take(torch.device("cpu"), torch.float64)).items  # the next window is empty
+        tensor(0., dtype=torch.float64)
     """
 
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._totals: Tensor | None = None
+    def __init__(self) -> None:
+        self._sum: Tensor | None = None
 
-    def add(self, values: Tensor) -> None:
-        """Add one micro-batch's vector of totals (detached)."""
-        if self._totals is None:
-            self._totals = torch.zeros(self.size, dtype=values.dtype, device=values.device)
-        self._totals += values.detach()
+    def add(self, packed: Tensor) -> None:
+        """Add one backward's packed ``WindowTotals`` (detached)."""
+        self._sum = packed.detach().clone() if self._sum is None else self._sum.add_(packed.detach())
 
     @property
-    def totals(self) -> Tensor | None:
-        """This rank's running totals, or ``None`` while no backward has been carried since the last reset."""
-        return self._totals
+    def packed(self) -> Tensor | None:
+        """This rank's packed running totals, or ``None`` while no backward has been carried since the last reset."""
+        return self._sum
 
     def reset(self) -> None:
         """Forget the window: its gradients were zeroed or dropped."""
-        self._totals = None
+        self._sum = None
 
     def take(self, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """Return this rank's totals and reset; zeros (of ``dtype`` on ``device``) if no backward was carried."""
-        totals = self._totals
-        if totals is None:
-            totals = torch.zeros(self.size, dtype=dtype, device=device)
-        self._totals = None
-        return totals
+        """Return this rank's packed totals and reset; zeros (``dtype`` on ``device``) if no backward was carried."""
+        packed, self._sum = self._sum, None
+        return torch.zeros(WindowTotals.size(), device=device, dtype=dtype) if packed is None else packed

@@ -7,6 +7,7 @@ import torch
 
 from lightning_accum.counting import masked_sum_and_count
 from lightning_accum.scaling import scale_gradients_, window_rescale_factor
+from lightning_accum.totals import WindowTotals
 from lightning_accum.window import ItemWindow
 
 
@@ -60,11 +61,22 @@ def test_scale_gradients_in_place_across_dtypes() -> None:
     assert [g.data_ptr() for g in (g32, g64, gbf16)] == pointers  # no copies
 
 
+def micro_batch(loss_sum: float, items: float) -> torch.Tensor:
+    zero = torch.zeros((), dtype=torch.float64)
+    values = {name: zero for name in WindowTotals.names()}
+    values |= {
+        "loss_sum": torch.tensor(loss_sum, dtype=torch.float64),
+        "items": torch.tensor(items, dtype=torch.float64),
+    }
+    return WindowTotals(**values).pack()
+
+
 def test_item_window_sums_micro_batches_and_resets() -> None:
-    window = ItemWindow(size=2)
+    window = ItemWindow()
     for loss_sum, items in [(2.0, 1.0), (5.0, 4.0), (0.0, 0.0)]:
-        window.add(torch.tensor([loss_sum, items], dtype=torch.float64))
-    assert window.take(torch.device("cpu"), torch.float64).tolist() == [7.0, 5.0]
-    window.add(torch.tensor([1.0, 1.0], dtype=torch.float64))
+        window.add(micro_batch(loss_sum, items))
+    totals = WindowTotals.unpack(window.take(torch.device("cpu"), torch.float64))
+    assert (totals.loss_sum.item(), totals.items.item(), totals.outputs.item()) == (7.0, 5.0, 0.0)
+    window.add(micro_batch(1.0, 1.0))
     window.reset()  # gradients zeroed: the window's totals go with them
-    assert window.take(torch.device("cpu"), torch.float64).tolist() == [0.0, 0.0]
+    assert window.take(torch.device("cpu"), torch.float64).tolist() == [0.0] * WindowTotals.size()

@@ -7,6 +7,8 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lightning_accum.data.protocol import WindowSampler
+
 
 def repeated_samples(loader: Any) -> tuple[int, int, int] | None:
     """``(repeated, dataset size, ranks)`` when ``loader``'s ``DistributedSampler`` pads its shards with repeats.
@@ -38,6 +40,20 @@ def warn_about_repeated_samples(loader: Any) -> None:
         f"or a dataset size that is a multiple of {ranks}.",
         category=UserWarning,
     )
+
+
+def require_window_split(loader: Any, accumulate_grad_batches: int, world_size: int, rank: int) -> None:
+    """Raise, naming the fix, when ``loader``'s batch sampler forms windows for another split than the run's."""
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if isinstance(batch_sampler, WindowSampler):  # its windows must be the optimizer steps
+        batch_sampler.require_split(accumulate_grad_batches, world_size, rank)
+
+
+def warn_about_train_data(loader: Any, resumed_mid_epoch: bool) -> None:
+    """Warn (rank 0) about train data that changes what the windows count: repeats, or a replayed epoch."""
+    warn_about_repeated_samples(loader)
+    if resumed_mid_epoch:
+        warn_unless_loaders_resume(loader)
 
 
 def warn_unless_loaders_resume(loader: Any) -> None:
