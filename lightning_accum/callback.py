@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from functools import partial
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
@@ -19,6 +19,7 @@ from lightning_accum.lightning_internals import batch_token, resumed_mid_epoch, 
 from lightning_accum.logged import WindowLogger
 from lightning_accum.resume import gather_partial_window, restore_partial_window
 from lightning_accum.run import Run
+from lightning_accum.step_guard import guard_raw_steps
 from lightning_accum.support import require_one_optimizer, require_supported_fit
 
 
@@ -108,7 +109,9 @@ class SampleCountRescaler(Callback):
         require_one_optimizer(trainer, pl_module)
         self._trainer = trainer
         self._logger.start_fit(pl_module.device)
-        self._step_hook = trainer.optimizers[0].register_step_post_hook(self._require_finished_window)
+        self._step_hook = guard_raw_steps(
+            trainer.optimizers[0], lambda: self._engine.stepped_unfinished() and self._hooks_active()
+        )
         warn_about_train_data(trainer.train_dataloader, resumed_mid_epoch(trainer))
         if self._restored_window is not None:
             window, self._restored_window = self._restored_window, None
@@ -134,19 +137,6 @@ class SampleCountRescaler(Callback):
         """False while Lightning's Tuner runs the fit loop with its own callbacks in place of this one."""
         return self._trainer is not None and self._batch_token == batch_token(self._trainer)
 
-    def _require_finished_window(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Optimizer step post-hook: stop at a step whose window this callback did not finish (a raw optimizer).
-
-        A post-hook, because in 32-bit Lightning runs the closure (and so on_before_optimizer_step) inside
-        ``optimizer.step``, after its pre-hooks.
-        """
-        if self._engine.stepped_unfinished() and self._hooks_active():
-            raise RuntimeError(
-                "The optimizer stepped without Lightning's on_before_optimizer_step, so SampleCountRescaler could "
-                "not make its gradient the item mean (a raw optimizer, e.g. `self.optimizers(use_pl_optimizer="
-                "False)`). Step the LightningOptimizer that `self.optimizers()` returns."
-            )
-
     # ------------------------------------------------------------------ per micro-batch
 
     def micro_batch_loss(self, pl_module: pl.LightningModule, losses: Tensor, mask: Tensor | None) -> Tensor:
@@ -169,10 +159,7 @@ class SampleCountRescaler(Callback):
                 trainer.train_dataloader, run.accumulate_grad_batches, run.world_size, trainer.global_rank
             )
 
-        def upcoming(n: int) -> Sequence[Any]:  # Lightning also ends an epoch at num_training_batches
-            return upcoming_batches(trainer, int(min(n, trainer.num_training_batches - batch_idx - 1)))
-
-        self._engine.start_micro_batch(batch_idx, batch, upcoming)
+        self._engine.start_micro_batch(batch_idx, batch, partial(upcoming_batches, trainer, batch_idx))
 
     def on_before_zero_grad(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -189,12 +176,6 @@ class SampleCountRescaler(Callback):
     ) -> None:
         ends_epoch = self._engine.run.automatic and window_ends_epoch(trainer)
         finished = self._engine.finish_window(self._params(optimizer), ends_epoch, float(trainer.num_training_batches))
-        if finished.empty:
-            rank_zero_warn(
-                f"Optimizer step at global_step={trainer.global_step} saw no counted items on any rank "
-                "(every mask was empty): skipped the update, optimizer state left untouched.",
-                category=UserWarning,
-            )
         self._logger.log(pl_module, finished)
 
     # ------------------------------------------------------------------ checkpointing

@@ -53,8 +53,10 @@ def require_lookahead_support(trainer: pl.Trainer) -> None:
         raise RuntimeError(_missing_message("SampleCountRescaler(mode='lookahead')", missing, fix))
 
 
-def upcoming_batches(trainer: pl.Trainer, n: int) -> list[Any]:
-    """The next ``n`` batches (fewer at the epoch's end) that the fit loop will receive, without consuming them.
+def upcoming_batches(trainer: pl.Trainer, batch_idx: int, n: int) -> list[Any]:
+    """The next ``n`` batches after ``batch_idx`` that the fit loop will receive, without consuming them.
+
+    Fewer at the epoch's end: Lightning also ends an epoch at ``num_training_batches``.
 
     Batches the fetcher has already prefetched come first; the rest are read from its iterator, which is
     wrapped once in a ``PeekableIterator`` so that the loop still receives every batch, in order.
@@ -67,6 +69,7 @@ def upcoming_batches(trainer: pl.Trainer, n: int) -> list[Any]:
             "SampleCountRescaler(mode='lookahead') cannot read ahead when training_step takes `dataloader_iter`: "
             "the module itself draws the batches. Use the default mode (mode='deferred')."
         )
+    n = int(min(n, trainer.num_training_batches - batch_idx - 1))
     if n <= 0:
         return []
     prefetched = [item[0] for item in fetcher.batches][:n]  # items are (batch, batch_idx, dataloader_idx)

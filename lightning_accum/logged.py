@@ -6,6 +6,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_accum.counting import count_dtype
 from lightning_accum.engines import FinishedWindow
@@ -42,11 +43,16 @@ class WindowLogger:
         self.epoch_loss = self.epoch_loss.set_dtype(count_dtype(device)).to(device)
 
     def log(self, pl_module: pl.LightningModule, finished: FinishedWindow) -> None:
-        """Log the window (an empty one as ``nan``: Lightning would otherwise re-log the previous value)."""
+        """Log the window (an empty one as ``nan``: Lightning would otherwise re-log the previous value, and warn)."""
         items, per_step = finished.totals.items, {"on_step": True, "on_epoch": False, "batch_size": 1}
         pl_module.log(self.loss_name, finished.mean_loss.float(), prog_bar=self.prog_bar, **per_step)
         pl_module.log(self.items_name, items.float(), **per_step)
         if finished.empty:
+            rank_zero_warn(
+                f"Optimizer step at global_step={pl_module.trainer.global_step} saw no counted items on any rank "
+                "(every mask was empty): skipped the update, optimizer state left untouched.",
+                category=UserWarning,
+            )
             return
         self.epoch_loss.update(finished.totals.loss_sum, items)
         pl_module.log(
