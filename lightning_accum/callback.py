@@ -15,6 +15,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_accum.counting import item_mean, masked_sum_and_count
 from lightning_accum.data.checks import require_window_split, warn_about_train_data
 from lightning_accum.engines import ENGINES
+from lightning_accum.evaluation import EvaluationMeans
 from lightning_accum.lightning_internals import batch_token, resumed_mid_epoch, upcoming_batches, window_ends_epoch
 from lightning_accum.logged import WindowLogger
 from lightning_accum.resume import gather_partial_window, restore_partial_window
@@ -39,6 +40,8 @@ class SampleCountRescaler(Callback):
         loss_name: key of the per-step item-mean loss.
         items_name: key of the per-step global item count.
         epoch_loss_name: key of the epoch's item-weighted mean loss.
+        val_loss_name: key of the validation set's item-weighted mean of ``sample_loss`` (all ranks).
+        test_loss_name: key of the test set's item-weighted mean of ``sample_loss`` (all ranks).
         prog_bar: show the per-step loss on the progress bar.
         mode: ``"deferred"`` or ``"lookahead"``.
         count_items: look-ahead only: ``count_items(batch) -> Tensor``, the number of items the loss mask
@@ -65,8 +68,11 @@ class SampleCountRescaler(Callback):
         prog_bar: bool = True,
         mode: Literal["deferred", "lookahead"] = "deferred",
         count_items: Callable[[Any], Tensor] | None = None,
+        val_loss_name: str = "val/item_loss",
+        test_loss_name: str = "test/item_loss",
     ) -> None:
         self._logger = WindowLogger(loss_name, items_name, epoch_loss_name, prog_bar)
+        self.evaluation = EvaluationMeans(val_loss_name, test_loss_name)  # sample_loss outside training
         if mode not in ENGINES:
             raise ValueError(f"`mode` must be one of {tuple(ENGINES)}, got {mode!r}.")
         if count_items is not None and mode != "lookahead":
@@ -90,6 +96,7 @@ class SampleCountRescaler(Callback):
     # ------------------------------------------------------------------ a fit's start and end
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pl_module._sample_count_rescaler = self  # what sample_loss reaches, without scanning the callbacks
         if stage != "fit":
             return
         require_supported_fit(trainer, pl_module, self.mode, type(self))
@@ -99,7 +106,6 @@ class SampleCountRescaler(Callback):
         self._logger.load_state_dict({"epoch_items": 0})
         self._batch_token = None
         self._restored_window = None
-        pl_module._sample_count_rescaler = self  # what sample_loss reaches, without scanning the callbacks
         # First in the list, so that every other callback's on_before_optimizer_step (clipping, gradient-norm
         # logging) sees the exact gradient, whatever order the user gave; the module's own hook runs after all.
         trainer.callbacks.remove(self)
@@ -118,10 +124,10 @@ class SampleCountRescaler(Callback):
             restore_partial_window(window, trainer, self._engine, self._params())
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
         if getattr(pl_module, "_sample_count_rescaler", None) is self:
             pl_module._sample_count_rescaler = None
+        if stage != "fit":
+            return
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
@@ -139,13 +145,19 @@ class SampleCountRescaler(Callback):
 
     # ------------------------------------------------------------------ per micro-batch
 
-    def micro_batch_loss(self, pl_module: pl.LightningModule, losses: Tensor, mask: Tensor | None) -> Tensor:
+    def micro_batch_loss(
+        self, pl_module: pl.LightningModule, losses: Tensor, mask: Tensor | None, weight: Tensor | None = None
+    ) -> Tensor:
         """The loss to backpropagate for one micro-batch's per-item ``losses`` (what ``sample_loss`` returns)."""
         if not self._hooks_active():
             # Lightning's Tuner (lr_find, scale_batch_size) runs the loop without this callback: it gets the plain
             # item mean of the micro-batch, as from a module without the rescaler.
-            return item_mean(losses, mask)
-        return self._engine.micro_batch_loss(*masked_sum_and_count(losses, mask))
+            return item_mean(losses, mask, weight)
+        return self._engine.micro_batch_loss(*masked_sum_and_count(losses, mask, weight), weighted=weight is not None)
+
+    def batch_loss(self, term: Tensor) -> Tensor:
+        """The loss to backpropagate for a per-micro-batch ``term`` (what ``batch_loss`` returns in training)."""
+        return self._engine.batch_term(term) if self._hooks_active() else term
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int

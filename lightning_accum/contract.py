@@ -1,5 +1,8 @@
 """The backward contract: a backward carries ``sample_loss`` outputs only, every one that has a graph, with one weight.
 
+``batch_loss`` outputs (extra terms, each normalised by the window's micro-batch count) are the second kind of
+recorded output: a backward may carry them beside the ``sample_loss`` outputs, with any factor of their own.
+
 ``BackwardContract`` owns the whole rule and its messages. It records each ``sample_loss`` output of a
 micro-batch (``record``), and at the backward (``check``) walks the autograd graph from the loss down, stopping
 at those outputs: any operation may combine them on the way (a sum in any spelling, a constant factor, a
@@ -88,7 +91,7 @@ def weights_differ(totals: WindowTotals) -> Tensor:
         ...     parts = [torch.stack(gradient_totals(torch.tensor(g, dtype=torch.float64))) for g in gs]
         ...     outputs, grad_sum, grad_squares = torch.stack(parts).sum(0)
         ...     zero = outputs.new_zeros(())
-        ...     return WindowTotals(zero, zero, outputs, grad_sum, grad_squares, zero)
+        ...     return WindowTotals(zero, zero, outputs, grad_sum, grad_squares, zero, zero, zero)
         >>> bool(weights_differ(window(0.25, 0.25, 0.25))), bool(weights_differ(window(0.25, 0.5)))
         (False, True)
     """
@@ -125,6 +128,7 @@ class BackwardContract:
         """Forget the outputs of earlier micro-batches."""
         self._outputs: list[Node] = []  # grad_fn of each output with a graph since the last backward
         self._calls = 0  # sample_loss calls since the last backward
+        self._terms: list[Node] = []  # grad_fn of each batch_loss output with a graph since the last backward
 
     def record(self, output: Tensor) -> None:
         """Note one ``sample_loss`` output (one without a graph is only logged, and never backpropagated)."""
@@ -132,10 +136,15 @@ class BackwardContract:
         if output.grad_fn is not None:
             self._outputs.append(output.grad_fn)
 
+    def record_term(self, output: Tensor) -> None:
+        """Note one ``batch_loss`` output: a backward may carry it beside the ``sample_loss`` outputs."""
+        if output.grad_fn is not None:
+            self._terms.append(output.grad_fn)
+
     def check(self, loss: Tensor) -> None:
         """Raise, naming the fix, unless ``loss`` propagates through all recorded outputs with a graph, and only
         through them. The outputs are then forgotten: the next backward needs outputs of its own."""
-        outputs, calls = self._outputs, self._calls
+        outputs, calls = self._outputs + self._terms, self._calls + len(self._terms)
         self.start_micro_batch()
         name, helper = self.module_name, self.helper
         if not calls:
@@ -153,15 +162,17 @@ class BackwardContract:
         if problem is GraphProblem.ADDED_TERM:
             raise RuntimeError(
                 f"{name} backpropagated a term that is not a self.{helper}(...) output (e.g. a regulariser added to "
-                "the loss), which the rescale would weight as if it were item losses. Put every term into the "
-                f"per-item losses (a penalty added to each item's loss averages to itself: "
+                "the loss), which the rescale would weight as if it were item losses. Pass a per-batch term through "
+                f"self.batch_loss(term) (its mean over the window's micro-batches, mode='lookahead'): "
+                f"`self.{helper}(item_losses, mask) + 0.01 * self.batch_loss(aux)`, or put it into the per-item "
+                f"losses (a penalty added to each item's loss averages to itself: "
                 f"`self.{helper}(item_losses + penalty, mask)`)."
             )
         if problem is GraphProblem.LEFT_OUT:
             raise RuntimeError(
-                f"{name} computed {len(outputs)} self.{helper}(...) outputs with a graph since the last backward but "
-                "backpropagated only some of them. Backpropagate the plain sum of all of them, or compute the ones "
-                "you only log under torch.no_grad()."
+                f"{name} computed {len(outputs)} self.{helper}(...) outputs with a graph since the last backward "
+                "(self.batch_loss(...) outputs included) but backpropagated only some of them. Backpropagate the "
+                "plain sum of all of them, or compute the ones you only log under torch.no_grad()."
             )
 
     def weights_message(self) -> str:

@@ -5,8 +5,9 @@ The protocol (``WeightingEngine``), in the order a fit calls it:
 - ``begin_fit(run)``: the fit's constants (``run.Run``), once per fit;
 - ``start_micro_batch(batch_idx, batch, upcoming)``: a training batch starts (look-ahead counts a window's
   items here, reading its batches with ``upcoming``);
-- ``micro_batch_loss(loss_sum, items)``: the loss ``sample_loss`` returns for a micro-batch's counted loss sum
-  and item count;
+- ``micro_batch_loss(loss_sum, items, weighted)``: the loss ``sample_loss`` returns for a micro-batch's counted
+  loss sum and item count (with per-item weights: the weighted sum and the weight sum);
+- ``batch_term(term)``: the loss ``batch_loss`` returns for a per-micro-batch term (look-ahead mode only);
 - ``check_backward(loss)``: what a backward carries (``contract.BackwardContract``);
 - ``forget_window()``: the gradients were zeroed;
 - ``finish_window(params, ends_epoch, epoch_batches)``: before the optimizer step, after AMP unscaling: one
@@ -22,6 +23,7 @@ describe the gradients that the optimizer step sees. Engines know nothing of Lig
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +39,10 @@ from lightning_accum.run import Run
 from lightning_accum.scaling import deferred_loss, lookahead_loss_factor, scale_gradients_, window_rescale_factor
 from lightning_accum.totals import EpochAgreement, Verdict, WindowTotals
 from lightning_accum.window import ItemWindow
+
+WEIGHT_SUM_TOLERANCE = 1e-5
+"""Look-ahead with per-item weights: the relative difference between count_items' and the loss's weight sums
+that still counts as equal (float32 summation order); unweighted counts must match exactly."""
 
 Upcoming = Callable[[int], Sequence[Any]]
 """``upcoming(n)``: the next ``n`` batches of the epoch (fewer at its end), read without consuming them."""
@@ -82,8 +88,9 @@ class WeightingEngine(ABC):
         """Training batch ``batch_idx`` of the epoch starts (``batch``: as ``training_step`` receives it)."""
         self.contract.start_micro_batch()
 
-    def micro_batch_loss(self, loss_sum: Tensor, items: Tensor) -> Tensor:
-        """The loss to backpropagate for a micro-batch with this sum of counted item losses and item count."""
+    def micro_batch_loss(self, loss_sum: Tensor, items: Tensor, weighted: bool = False) -> Tensor:
+        """The loss to backpropagate for a micro-batch with this sum of counted item losses and item count
+        (``weighted``: per-item weights made them ``sum(w * loss)`` and ``sum(w)``)."""
         loss = self._loss(loss_sum, items)
         self.contract.record(loss)
         if loss.requires_grad:  # one without a graph is only logged: a backward never carries it
@@ -93,10 +100,35 @@ class WeightingEngine(ABC):
             def carry(grad: Tensor) -> None:  # each time, and only when, a backward reaches this loss
                 g = grad.detach().to(items)
                 expected_items = items.new_zeros(()) if expected is None else expected().to(items)
-                self.window.add(WindowTotals(counted, items, *gradient_totals(g), expected_items).pack())
+                zero = items.new_zeros(())
+                totals = WindowTotals(counted, items, *gradient_totals(g), expected_items, zero + weighted, zero)
+                self.window.add(totals.pack())
 
             loss.register_hook(carry)
         return loss
+
+    def batch_term(self, term: Tensor) -> Tensor:
+        """The loss to backpropagate for ``term``, a 0-dim tensor whose gradient counts as its mean over the
+        window's micro-batches on all ranks."""
+        loss = self._term_loss(term)
+        self.contract.record_term(loss)
+        if loss.requires_grad:
+            device = self.run.device
+
+            def carry(grad: Tensor) -> None:
+                totals = WindowTotals.zeros(device, count_dtype(device))
+                self.window.add(dataclasses.replace(totals, term_outputs=totals.term_outputs + 1).pack())
+
+            loss.register_hook(carry)
+        return loss
+
+    def _term_loss(self, term: Tensor) -> Tensor:
+        """The mode's ``batch_loss`` output (default mode: refused)."""
+        raise RuntimeError(
+            "self.batch_loss(term) needs SampleCountRescaler(mode='lookahead'): the default mode learns the "
+            "window's size only at its optimizer step, after the term's gradient has been summed with the items'. "
+            "Use SampleCountRescaler(mode='lookahead') (and count_items), or put the term into the per-item losses."
+        )
 
     def check_backward(self, loss: Tensor) -> None:
         """Raise, naming the fix, unless ``loss`` carries this micro-batch's outputs as the contract says."""
@@ -264,6 +296,7 @@ class LookaheadEngine(WeightingEngine):
         super().begin_fit(run)
         self._counts: Tensor | None = None  # this rank's count of each micro-batch of the window
         self._window_items: Tensor | None = None  # the window's global count
+        self._window_batches: Tensor | None = None  # the window's micro-batches on all ranks
         self._k = 0  # the K the window was counted for
         self._offset = 0  # the running micro-batch's position in the window
         self._carried: set[int] = set()  # offsets of the micro-batches a backward carried
@@ -297,9 +330,10 @@ class LookaheadEngine(WeightingEngine):
         count_items = self.run.count_items
         if count_items is None:
             raise RuntimeError("LookaheadEngine needs run.count_items, the rule that counts a batch's items.")
-        device = self.run.device
-        self._counts = torch.stack([as_count(count_items(b), device, count_dtype(device)) for b in batches])
-        self._window_items = self.run.reduce_sum(self._counts.sum())
+        device, dtype = self.run.device, count_dtype(self.run.device)
+        self._counts = torch.stack([as_count(count_items(b), device, dtype) for b in batches])
+        micro_batches = torch.full((), len(batches), dtype=dtype, device=device)  # no host-to-device copy
+        self._window_items, self._window_batches = self.run.reduce_sum(torch.stack([self._counts.sum(), micro_batches]))
         self._k = self.run.accumulate_grad_batches
 
     def _loss(self, loss_sum: Tensor, items: Tensor) -> Tensor:
@@ -307,6 +341,12 @@ class LookaheadEngine(WeightingEngine):
             raise RuntimeError("sample_loss was called outside a look-ahead window (no training batch started).")
         factor = lookahead_loss_factor(self._k, self.run.world_size, self._window_items)
         return loss_sum * factor.to(device=loss_sum.device, dtype=loss_sum.dtype)
+
+    def _term_loss(self, term: Tensor) -> Tensor:
+        if self._window_batches is None:
+            raise RuntimeError("batch_loss was called outside a look-ahead window (no training batch started).")
+        factor = (self._k * self.run.world_size) / self._window_batches
+        return term * factor.to(device=term.device, dtype=term.dtype)
 
     def _expected_items(self) -> Callable[[], Tensor] | None:
         assert self._counts is not None, "a loss is computed inside a counted window"
@@ -332,14 +372,24 @@ class LookaheadEngine(WeightingEngine):
 
     def _flags(self, totals: WindowTotals, agreement: EpochAgreement) -> dict[str, Tensor]:
         assert self._window_items is not None, "finish_window follows a counted window"
+        # Weight sums that count_items and the loss add in different orders may differ in the last bits.
+        tolerance = torch.where(totals.weighted_outputs > 0, WEIGHT_SUM_TOLERANCE * totals.expected_items.abs(), 0.0)
+        not_all_carried = totals.items != self._window_items.to(totals.items)
         return {
             **super()._flags(totals, agreement),
-            "COUNT_MISMATCH": totals.items != totals.expected_items,
-            "NOT_ALL_CARRIED": totals.items != self._window_items.to(totals.items),
+            "COUNT_MISMATCH": (totals.items - totals.expected_items).abs() > tolerance,
+            "NOT_ALL_CARRIED": not_all_carried,
+            "TERMS_NOT_ALL_CARRIED": not_all_carried & (totals.term_outputs > 0),
         }
 
     def _raise_for(self, verdict: Verdict, totals: WindowTotals, agreement: EpochAgreement) -> None:
         super()._raise_for(verdict, totals, agreement)
+        if verdict & Verdict.TERMS_NOT_ALL_CARRIED:
+            raise RuntimeError(
+                "Some micro-batches that look-ahead counted for this window never reached a backward, in a window "
+                "with self.batch_loss(...) terms: their terms' mean over the window's micro-batches would be wrong. "
+                "Backpropagate every micro-batch of the window (do not return None from training_step)."
+            )
         if verdict & Verdict.COUNT_MISMATCH:
             raise RuntimeError(
                 f"count_items counted {float(totals.expected_items):g} items in the micro-batches of this window that "

@@ -50,7 +50,8 @@ class WindowLogger:
         if finished.empty:
             rank_zero_warn(
                 f"Optimizer step at global_step={pl_module.trainer.global_step} saw no counted items on any rank "
-                "(every mask was empty): skipped the update, optimizer state left untouched.",
+                "(every mask was empty, or the weights summed to 0): skipped the update, optimizer state left "
+                "untouched.",
                 category=UserWarning,
             )
             return

@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor
 
 from lightning_accum.counting import item_mean
+from lightning_accum.segments import document_losses
 
 
 class SampleCountMixin:
@@ -43,7 +44,13 @@ class SampleCountMixin:
         2
     """
 
-    def sample_loss(self, losses: Tensor, mask: Tensor | None = None) -> Tensor:
+    def sample_loss(
+        self,
+        losses: Tensor,
+        mask: Tensor | None = None,
+        weight: Tensor | None = None,
+        segments: Tensor | None = None,
+    ) -> Tensor:
         """Return the loss that ``training_step`` returns for these per-item ``losses``.
 
         Return it as is, or a plain sum of several such outputs (any spelling, times one overall factor); an
@@ -55,22 +62,62 @@ class SampleCountMixin:
         Under DDP every rank calls it in every ``training_step``: the run's first call all-reduces once,
         and a rank that skipped it would leave the others waiting.
 
+        In ``validation_step`` / ``test_step`` it returns the batch's item mean and, with the rescaler in the
+        Trainer, logs the whole set's item-weighted mean over all ranks under its ``val_loss_name`` /
+        ``test_loss_name`` (``"val/item_loss"``, ``"test/item_loss"``).
+
         Args:
             losses: one loss per item, any shape (compute it with ``reduction="none"``).
             mask: same shape as ``losses``, bool or 0/1; ``True``/1 marks the items that count.
                 ``None`` counts every item.
+            weight: same shape as ``losses``, finite non-negative floats: the step's gradient becomes
+                ``sum(w * grad(loss)) / sum(w)`` over the window's counted items (a masked item weighs 0).
+            segments: same shape as ``losses`` (token losses of packed rows, last dimension the row), integer
+                document ids in ``[0, row length)``: each (row, document) becomes one item weighing its mean
+                token loss (the per-document mean). Not combined with ``weight``.
         """
+        losses, mask = _items(losses, mask, weight, segments)
         trainer = getattr(self, "_trainer", None)
         if trainer is None or not trainer.training:
-            return item_mean(losses, mask)
+            rescaler = getattr(self, "_sample_count_rescaler", None)
+            return (
+                item_mean(losses, mask, weight)
+                if rescaler is None
+                else rescaler.evaluation.loss(self, losses, mask, weight)
+            )
         if not self.automatic_optimization:
             raise RuntimeError(
                 f"{type(self).__name__} uses manual optimization: call `self.sample_backward(losses, mask)` "
                 "instead of `self.manual_backward(self.sample_loss(losses, mask))`."
             )
-        return self._attached_rescaler().micro_batch_loss(self, losses, mask)
+        return self._attached_rescaler().micro_batch_loss(self, losses, mask, weight)
 
-    def sample_backward(self, losses: Tensor, mask: Tensor | None = None) -> None:
+    def batch_loss(self, term: Tensor) -> Tensor:
+        """Return a per-micro-batch ``term`` (0-dim: an auxiliary loss, a KL, a penalty) to add to ``sample_loss``.
+
+        Its gradient counts as its mean over the window's micro-batches on all ranks (the last, shorter window
+        included): ``return self.sample_loss(ce, mask) + 0.01 * self.batch_loss(aux)`` steps on the item mean of
+        ``ce`` plus 0.01 times the mean of ``aux`` over the window's micro-batches. Several terms and calls per
+        step add up. Needs ``SampleCountRescaler(mode="lookahead")``, which knows the window's micro-batches
+        before their backward; the default mode refuses it. Outside training it returns ``term`` as is.
+        """
+        if not isinstance(term, Tensor) or term.ndim != 0 or not term.is_floating_point():
+            raise ValueError(
+                f"batch_loss expects a 0-dim floating-point tensor (one value per micro-batch), got "
+                f"{getattr(term, 'shape', type(term).__name__)}; per-item losses go to sample_loss."
+            )
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or not trainer.training:
+            return term
+        return self._attached_rescaler().batch_loss(term)
+
+    def sample_backward(
+        self,
+        losses: Tensor,
+        mask: Tensor | None = None,
+        weight: Tensor | None = None,
+        segments: Tensor | None = None,
+    ) -> None:
         """Manual optimization: backpropagate these per-item ``losses`` into the current window.
 
         Replaces ``self.manual_backward(loss)``. The window is every ``sample_backward`` since the last
@@ -78,6 +125,7 @@ class SampleCountMixin:
         rescaler turns the accumulated gradient into the window's item mean, after AMP unscaling. Step
         whenever you like; ``optimizer.zero_grad()`` after the step as usual. To clip gradients, call
         ``self.clip_gradients(optimizer, ...)`` in ``on_before_optimizer_step``, which runs after the rescale.
+        ``weight`` and ``segments`` as in ``sample_loss``.
 
         Example::
 
@@ -112,7 +160,8 @@ class SampleCountMixin:
                 "sample_backward is for training_step with manual optimization (`automatic_optimization = "
                 "False`); with automatic optimization return `self.sample_loss(losses, mask)` instead."
             )
-        self.manual_backward(self._attached_rescaler().micro_batch_loss(self, losses, mask))
+        losses, mask = _items(losses, mask, weight, segments)
+        self.manual_backward(self._attached_rescaler().micro_batch_loss(self, losses, mask, weight))
 
     def _attached_rescaler(self) -> Any:
         """The ``SampleCountRescaler`` that attached itself to this module at setup (or an error saying to add one)."""
@@ -134,3 +183,17 @@ class SampleCountMixin:
             f"SampleCountRescaler(mode='lookahead') needs {type(self).__name__}.count_items(batch) (the "
             "number of items the loss mask counts in a batch), or SampleCountRescaler(count_items=...)."
         )
+
+
+def _items(
+    losses: Tensor, mask: Tensor | None, weight: Tensor | None, segments: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """The items to count: the per-item losses and mask as given, or with ``segments`` one per (row, document)."""
+    if segments is None:
+        return losses, mask
+    if weight is not None:
+        raise ValueError(
+            "sample_loss takes weight or segments, not both: with segments every document weighs the same (its "
+            "mean token loss); weight the documents by giving their tokens the mask and no segments, or drop weight."
+        )
+    return document_losses(losses, mask, segments)

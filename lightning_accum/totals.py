@@ -73,6 +73,8 @@ class WindowTotals(Packed):
     grad_sum: Tensor  # sum of g over those outputs
     grad_squares: Tensor  # sum of g ** 2
     expected_items: Tensor  # look-ahead: what count_items counted in the same micro-batches (0 in deferred mode)
+    weighted_outputs: Tensor  # sample_loss outputs with per-item weights (their counts are weight sums)
+    term_outputs: Tensor  # batch_loss outputs that a backward carried
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +124,7 @@ class Verdict(IntFlag):
     WEIGHTS_DIFFER = 4  # sample_loss outputs were backpropagated with different weights
     COUNT_MISMATCH = 8  # look-ahead: count_items differs from the masks
     NOT_ALL_CARRIED = 16  # look-ahead: counted micro-batches that no backward carried
+    TERMS_NOT_ALL_CARRIED = 32  # look-ahead: as NOT_ALL_CARRIED, in a window with batch_loss terms
 
     @staticmethod
     def of(**flags: Tensor) -> Tensor:

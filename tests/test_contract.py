@@ -90,7 +90,7 @@ def window_of(gradients: list[float]) -> WindowTotals:
         torch.stack(part).sum()
         for part in zip(*(gradient_totals(torch.tensor(g, dtype=torch.float64)) for g in gradients), strict=True)
     )
-    return WindowTotals(zero, zero, outputs_, grad_sum, grad_squares, zero)
+    return WindowTotals(zero, zero, outputs_, grad_sum, grad_squares, zero, zero, zero)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,53 @@
+"""``EvaluationMeans``: ``sample_loss`` in ``validation_step`` / ``test_step`` logs the exact mean over the whole set.
+
+Lightning's ``self.log(..., on_epoch=True)`` averages per-batch means weighted by the batch size, so batches of
+different token counts (a short last batch, masked padding) skew it, and each rank's share is averaged again.
+Here each batch adds its counted loss sum and item count to an ``ItemMeanLoss`` per stage, which Lightning
+computes at the epoch's end: one sync of the two sums over all ranks, then ``sum(loss) / sum(items)``, the
+item-weighted (token-weighted, or with ``weight`` the weighted) mean over every counted item of the set.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from torch import Tensor
+
+from lightning_accum.counting import count_dtype, masked_sum_and_count
+from lightning_accum.metrics import ItemMeanLoss
+
+
+class EvaluationMeans:
+    """Per stage (validation, test) the set's item-weighted mean loss, logged under ``val_loss_name`` /
+    ``test_loss_name`` at the epoch's end (all ranks' items pooled).
+
+    Example::
+
+        >>> EvaluationMeans("val/item_loss", "val/item_loss")
+        Traceback (most recent call last):
+        ...
+        ValueError: val_loss_name and test_loss_name must be different non-empty strings, got ...
+    """
+
+    def __init__(self, val_loss_name: str = "val/item_loss", test_loss_name: str = "test/item_loss") -> None:
+        names = (val_loss_name, test_loss_name)
+        if not all(isinstance(name, str) and name for name in names) or val_loss_name == test_loss_name:
+            raise ValueError(f"val_loss_name and test_loss_name must be different non-empty strings, got {names}.")
+        self.names = {"validate": val_loss_name, "test": test_loss_name}
+        self.metrics = {stage: ItemMeanLoss() for stage in self.names}
+
+    def loss(self, pl_module: pl.LightningModule, losses: Tensor, mask: Tensor | None, weight: Tensor | None) -> Tensor:
+        """Add one batch to its stage's mean, log the mean, and return the batch's own item mean (``nan`` if empty)."""
+        trainer = pl_module.trainer
+        loss_sum, items = masked_sum_and_count(losses, mask, weight)
+        batch_mean = loss_sum / items.clamp_min(1).to(loss_sum.dtype)
+        batch_mean = batch_mean.where(items > 0, batch_mean.new_full((), float("nan")))
+        if not (trainer.validating or trainer.sanity_checking or trainer.testing):
+            return batch_mean  # predict, or a call outside Lightning's loops
+        stage = "test" if trainer.testing else "validate"
+        metric = self.metrics[stage]
+        if metric.items.device != items.device:
+            self.metrics[stage] = metric = metric.set_dtype(count_dtype(items.device)).to(items.device)
+        metric.update(loss_sum.detach(), items)
+        name = self.names[stage]
+        pl_module.log(name, metric, on_step=False, on_epoch=True, batch_size=1, metric_attribute=name)
+        return batch_mean
