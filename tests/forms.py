@@ -19,6 +19,7 @@ from cases import CLASSES, FEATURES, make_optimizer
 from fits import PlannedModule
 from reference import flat_parameters, split_into_windows
 from torch import Tensor, nn
+from torch.utils.data import DataLoader
 
 from lightning_accum import SampleCountMixin
 
@@ -245,3 +246,30 @@ def fit_form(case: FormCase, module: FormModule, callbacks: list[pl.Callback], *
     )
     trainer.fit(module)
     return trainer
+
+
+class EvalModule(FormModule):
+    """``FormModule`` whose validation and test sets are ``val_plan[global_rank]`` (micro-batches of any size)."""
+
+    def __init__(self, net: nn.Module, case: FormCase, val_plan: list[list[FormBatch]]) -> None:
+        super().__init__(net, case)
+        self.val_plan = val_plan
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_plan[self.trainer.global_rank], batch_size=None)
+
+    test_dataloader = val_dataloader
+
+    def validation_step(self, batch: FormBatch, batch_idx: int) -> Tensor:
+        losses = token_losses(self.net, batch)
+        self.log("val/batch_mean", self.sample_loss(losses, batch[2]), on_epoch=True, batch_size=len(losses))
+        return self.sample_loss(losses, batch[2])
+
+    test_step = validation_step
+
+
+def eval_reference(net: nn.Module, val_plan: list[list[FormBatch]]) -> float:
+    """The token-weighted mean of the masked token losses over every rank's validation micro-batches."""
+    with torch.no_grad():
+        pairs = [masked_items(net, mb) for rank in val_plan for mb in rank]
+    return float(sum((losses * mask).sum() for losses, mask in pairs) / sum(mask.sum() for _, mask in pairs))

@@ -1,0 +1,53 @@
+"""Exact validation and test means: ``sample_loss`` in ``validation_step`` / ``test_step`` logs the token-weighted
+mean over the whole set under ``val/item_loss`` / ``test/item_loss``, against the plain-PyTorch mean."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import make_net
+from forms import EvalModule, eval_reference, fit_form, plan_of, weighted_batch, weights_case
+
+from lightning_accum import SampleCountRescaler
+
+VAL_PLAN = plan_of(weighted_batch, [[5, 5, 5, 1]], tokens=4)  # a short last batch
+
+
+def quiet_trainer(**kwargs):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, **kwargs)  # fmt: skip
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_whole_set_token_mean(stage: str, measured) -> None:
+    module = EvalModule(make_net(), weights_case(), VAL_PLAN)
+    callback = SampleCountRescaler(val_loss_name="val/exact", test_loss_name="test/exact")
+    (logged,) = getattr(quiet_trainer(callbacks=[callback]), stage)(module)
+    expected = eval_reference(module.net, VAL_PLAN)
+    key = "val/exact" if stage == "validate" else "test/exact"
+    assert measured(abs(logged[key] / expected - 1)) <= 1e-6
+    # What self.log(on_epoch=True) gives: batch means weighted by batch size, not by counted tokens.
+    assert abs(logged["val/batch_mean"] / expected - 1) > 1e-3
+
+
+def test_in_a_fit_after_the_sanity_check(measured) -> None:
+    """The sanity check's batch does not stay in the epoch's mean; the key is ``val/item_loss`` by default."""
+    case = weights_case()
+    case.epochs = 1
+    module = EvalModule(make_net(), case, VAL_PLAN)
+    trainer = fit_form(case, module, [SampleCountRescaler()], num_sanity_val_steps=1)
+    expected = eval_reference(module.net, VAL_PLAN)
+    assert measured(abs(float(trainer.callback_metrics["val/item_loss"]) / expected - 1)) <= 1e-6
+
+
+def test_without_the_rescaler_it_is_the_batch_mean() -> None:
+    module = EvalModule(make_net(), weights_case(), VAL_PLAN)
+    losses, mask = torch.tensor([[1.0, 2.0], [3.0, 10.0]]), torch.tensor([[1, 1], [1, 0]])
+    assert module.sample_loss(losses, mask=mask).item() == pytest.approx(2.0)
+
+
+def test_keys_must_differ() -> None:
+    with pytest.raises(ValueError, match="must be different non-empty strings"):
+        SampleCountRescaler(val_loss_name="x", test_loss_name="x")
