@@ -134,7 +134,7 @@ def forms_reference(net: nn.Module, case: FormCase) -> FormReference:
             run.step_losses.append(float("nan"))
             continue
         loss = weighted / total
-        run.step_losses.append(float(loss))
+        run.step_losses.append(float(loss.detach()))
         if case.form == "terms":
             term_sums = [sum(parts) for parts in zip(*(terms(net, mb) for mb in micro_batches), strict=True)]
             first, second = TERM_COEFFICIENTS
