@@ -13,12 +13,15 @@ from lightning_accum.demos.datamodules import (
     TokenSequenceDataModule,
 )
 from lightning_accum.demos.models import CausalLM, MLPModel
+from lightning_accum.demos.packing import AttentionLM, PackCollate
 
 __all__ = [
+    "AttentionLM",
     "CausalLM",
     "DigitsDataModule",
     "ExampleDataModule",
     "MLPModel",
+    "PackCollate",
     "RegressionDataModule",
     "TokenSequenceDataModule",
 ]
