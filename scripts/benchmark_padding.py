@@ -1,7 +1,7 @@
 """Padding-free micro-batches that keep the trajectory: length grouping inside fixed windows vs Hugging Face's.
 
 Trains the demo ``CausalLM`` exactly (``SampleCountRescaler``) on real text (stdlib docstrings cut into pieces of
-log-normal length: many short, few long) in one process, four ways, side by side in one run:
+log-normal length: many short, few long) in one process, five ways, side by side in one run:
 
 - ``ungrouped``: ``GlobalBatchSampler`` (each micro-batch a random slice of its window);
 - ``grouped``: ``GlobalBatchSampler(lengths=...)``, the same windows cut into length-sorted micro-batches of
@@ -11,7 +11,12 @@ log-normal length: many short, few long) in one process, four ways, side by side
 - ``hf``: Hugging Face's ``group_by_length`` order (``transformers.trainer_pt_utils.get_length_grouped_indices``,
   reimplemented below from its documented logic since transformers is not installed here): the epoch's
   permutation cut into megabatches of ``min(n // (4 * batch), 50) * batch`` samples, each sorted by length,
-  longest first, the longest of all moved to the front; ``batch`` is ``B * K``, as the Trainer passes it.
+  longest first, the longest of all moved to the front; ``batch`` is ``B * K``, as the Trainer passes it;
+- ``packed``: ``ungrouped``'s micro-batches packed several samples per row (``demos.PackCollate``, rows of at most
+  ``--row-length`` targets, default the longest sample). The GRU reads a packed row as one sequence: its state
+  runs on from one sample into the next (a recurrent model has no document-isolated attention), so this row
+  measures the padding and the speed of packing, not the same trajectory; ``tests/test_packing.py`` shows the
+  same trajectory with the attention LM ``demos.AttentionLM``, which isolates documents.
 
 For each it prints the padded-token fraction, the median wall time of a Lightning epoch, the compute time of one
 epoch's micro-batches (forward and backward, the four ways interleaved round by round so that a change of machine
@@ -43,6 +48,7 @@ from lightning_accum.data.sampler import EpochPermutation
 from lightning_accum.demos import CausalLM
 from lightning_accum.demos.collate import PadCollate
 from lightning_accum.demos.datasets import TokenSequenceDataset
+from lightning_accum.demos.packing import PackCollate
 from lightning_accum.demos.text import CharVocab, stdlib_docstring_lines
 
 
@@ -148,7 +154,8 @@ def make_loader(name: str, data: TokenSequenceDataset, args: argparse.Namespace)
         )
     grouping = {"grouped": {"lengths": lengths}, "grouped+budget": {"lengths": lengths, "max_tokens": args.max_tokens}}
     sampler = GlobalBatchSampler(len(data), b, k, seed=args.seed, **grouping.get(name, {}))
-    return GlobalBatchLoader(data, sampler, collate_fn=PadCollate(0))
+    collate = PackCollate(0, args.row_length) if name == "packed" else PadCollate(0)
+    return GlobalBatchLoader(data, sampler, collate_fn=collate)
 
 
 def run(name: str, data: TokenSequenceDataset, vocab_size: int, args: argparse.Namespace) -> dict:
@@ -207,6 +214,7 @@ def main() -> None:
     parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--accumulate", type=int, default=8, help="K micro-batches per optimizer step")
     parser.add_argument("--max-tokens", type=int, default=None, help="grouped+budget's budget; default B x longest")
+    parser.add_argument("--row-length", type=int, default=None, help="packed's row length; default the longest")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (the least is printed)")
@@ -221,6 +229,8 @@ def main() -> None:
     lengths = data.lengths()
     if args.max_tokens is None:
         args.max_tokens = args.micro_batch_size * max(lengths)
+    if args.row_length is None:
+        args.row_length = max(lengths)
     quantiles = torch.tensor(lengths, dtype=torch.float).quantile(torch.tensor([0.5, 0.9, 0.99])).tolist()
     b, k = args.micro_batch_size, args.accumulate
     multiple = hf_megabatch_multiple(len(lengths), b * k)
@@ -230,7 +240,7 @@ def main() -> None:
         f"1 process, K={k} x B={b} (E={k * b} samples per optimizer step), {args.epochs} epochs, exact weighting, "
         f"AdamW; grouped+budget: max_tokens={args.max_tokens}; hf: megabatches of {multiple} x {b * k} samples"
     )
-    names = ["ungrouped", "grouped", "grouped+budget", "hf"]
+    names = ["ungrouped", "grouped", "grouped+budget", "hf", "packed"]
     results = {name: run(name, data, len(vocab), args) for name in names}
     base = results["ungrouped"]
     update = (base["final"] - base["initial"]).norm()
@@ -254,7 +264,8 @@ def main() -> None:
         f"compute s/epoch: forward+backward of one epoch's micro-batches, least of {args.rounds} interleaved rounds; "
         "tokens/s: real target tokens per compute second (every way trains all tokens, so its ratio is the inverse "
         "ratio of compute seconds); distance: |theta - theta_ungrouped| / |theta_ungrouped - "
-        "theta_0| after the exact fits."
+        f"theta_0| after the exact fits. packed: rows of at most {args.row_length} targets; the GRU's state runs "
+        "across the packed samples of a row, so its distance is that of another model, not of rounding."
     )
     if args.plot:
         plot(results, args.plot)
