@@ -59,3 +59,32 @@ def test_other_terms_are_refused(module_class, message) -> None:
 def test_outside_training_the_term_is_itself() -> None:
     term = torch.tensor(2.5)
     assert FormModule(make_net(), terms_case()).batch_loss(term) is term
+
+
+class SkippingModule(FormModule):
+    """Skips its second micro-batch (returns None) in a window with terms."""
+
+    def training_step(self, batch, batch_idx: int):
+        return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+
+def test_a_counted_micro_batch_without_backward_is_refused_with_terms() -> None:
+    case = terms_case()
+    with pytest.raises(RuntimeError, match=r"never reached a backward, in a window with self\.batch_loss"):
+        fit_form(case, SkippingModule(make_net(), case), [SampleCountRescaler(mode="lookahead")])
+
+
+def test_the_contract_accepts_batch_loss_outputs_beside_sample_loss_outputs() -> None:
+    from lightning_accum.contract import BackwardContract
+
+    w = torch.ones(3, requires_grad=True)
+    contract = BackwardContract("Model")
+    items, term = (w * 2).sum(), w.square().sum()
+    contract.record(items)
+    contract.record_term(term)
+    contract.check(items + 0.01 * term)  # accepted
+    items, term = (w * 2).sum(), w.square().sum()
+    contract.record(items)
+    contract.record_term(term)
+    with pytest.raises(RuntimeError, match="backpropagated only some of them"):
+        contract.check(items)
