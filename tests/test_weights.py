@@ -43,8 +43,8 @@ def test_manual_optimization(reference, measured) -> None:
     assert measured(distance(module.net, reference)) <= EXACT_TOLERANCE
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_mixed_precision(precision: str, reference, measured) -> None:
+@pytest.mark.parametrize("precision", ["64-true", "bf16-mixed", "16-mixed"])
+def test_precisions(precision: str, reference, measured) -> None:
     case = weights_case()
     module = FormModule(make_net(), case)
     fit_form(case, module, [SampleCountRescaler()], **precision_kwargs(precision))
