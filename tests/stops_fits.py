@@ -121,8 +121,8 @@ def make_trainer(ranks: int, callbacks: list[pl.Callback], mode: str = "deferred
     return pl.Trainer(callbacks=[SampleCountRescaler(mode=mode), *callbacks, ReleaseProcessGroup()], **settings)
 
 
-def first_fit(case: str, tmp_path: Path, ranks: int = 1, mode: str = "deferred") -> Path:
-    """Run the fit that stops; the checkpoint its stop path leaves."""
+def first_fit(case: str, tmp_path: Path, ranks: int = 1, mode: str = "deferred", stateful: bool = True) -> Path:
+    """Run the fit that stops; the checkpoint its stop path leaves (``stateful=False``: a plain ``DataLoader``)."""
     k = SPLITS[ranks][0]
     if case == "scheduler_killed":  # a checkpoint 1 step into epoch 1, then the process dies
         stop = SaveAndStop(tmp_path / "last.ckpt", stop_step=5, every_batch=mode == "deferred")
@@ -134,7 +134,8 @@ def first_fit(case: str, tmp_path: Path, ranks: int = 1, mode: str = "deferred")
     if case == "max_time":
         last = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
         timer = BatchClockTimer(seconds=7 + STOP_BATCH + 1)  # epoch 0 has 7 micro-batches
-        make_trainer(ranks, [timer, last], mode, accumulate_grad_batches=k).fit(ResumableModule(ranks, 0))
+        module = ResumableModule(ranks, 0, stateful)
+        make_trainer(ranks, [timer, last], mode, accumulate_grad_batches=k).fit(module)
         return tmp_path / "last.ckpt"
     if case == "max_steps":
         last = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
@@ -153,15 +154,28 @@ def first_fit(case: str, tmp_path: Path, ranks: int = 1, mode: str = "deferred")
     return tmp_path / "interrupted.ckpt"
 
 
-def resumed_fit(case: str, checkpoint: Path, ranks: int = 1, mode: str = "deferred") -> Tensor:
-    """Resume from ``checkpoint`` with a new Trainer to the end of epoch 2; the final parameters."""
+class CountBatches(pl.Callback):
+    """Counts the training batches a fit runs."""
+
+    batches = 0
+
+    def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
+        self.batches += 1
+
+
+def resumed_fit(case: str, checkpoint: Path, ranks: int = 1, mode: str = "deferred") -> tuple[Tensor, int]:
+    """Resume from ``checkpoint`` with a new Trainer to the end of epoch 2; the final parameters and the number of
+    batches the resumed fit trained (1 process; 0 on ranks, whose count stays in the spawned processes)."""
+    if not checkpoint.exists():
+        raise FileNotFoundError(f"the stopped fit left no checkpoint at {checkpoint}")
+    count = CountBatches()
     if case == "scheduler_killed":
         module = ScheduledModule(ranks, num_workers=0)
-        callbacks: list[pl.Callback] = [GradientAccumulationScheduler(SCHEDULE)]
+        callbacks: list[pl.Callback] = [GradientAccumulationScheduler(SCHEDULE), count]
         trainer = make_trainer(ranks, callbacks, mode, reload_dataloaders_every_n_epochs=1)
     else:
         module = ResumableModule(ranks, num_workers=0)
-        callbacks = [BatchClockTimer(seconds=1000)] if case == "max_time" else []
+        callbacks = [count, *([BatchClockTimer(seconds=1000)] if case == "max_time" else [])]
         trainer = make_trainer(ranks, callbacks, mode, accumulate_grad_batches=SPLITS[ranks][0])
     trainer.fit(module, ckpt_path=checkpoint)
-    return flat_parameters(module.net)
+    return flat_parameters(module.net), count.batches
