@@ -95,10 +95,20 @@ class Continuation:
         if self.position == (epoch, batches) and len(set(positions)) == 1:
             reopen_epoch(checkpoint)  # Lightning restarts inside the epoch and restores the loader's position
             return
+        if self.position is None:
+            why, fix = "the train loader saved no position inside it to continue from", _FIX
+        else:
+            why = (
+                f"the train loader's saved position ({self.position[1]} micro-batches of epoch {self.position[0]} "
+                f"delivered) is not the {batches} that trained (look-ahead mode reads a window's batches at its start)"
+            )
+            fix = (
+                "Stop inside a window only in the default mode (mode='deferred'), whose checkpoint carries the window."
+            )
         raise RuntimeError(
             f"Resuming this checkpoint would skip {micro_batches(batches, in_epoch, epoch, in_epoch)}: the fit "
             f"stopped inside epoch {epoch} (Trainer(max_time=...), max_steps or should_stop), Lightning saved the "
-            "epoch as done, and the train loader saved no position inside it to continue from. " + _FIX
+            f"epoch as done, and {why}. {fix}"
         )
 
     def check_start(self, trainer: pl.Trainer) -> None:
