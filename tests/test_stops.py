@@ -58,17 +58,27 @@ def test_max_time_inside_a_window_in_lookahead_mode_is_refused(tmp_path: Path) -
         resumed_fit("max_time", checkpoint, mode="lookahead")
 
 
-def test_a_checkpoint_whose_position_lightning_would_skip_is_refused(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("stateful", "refusal"),
+    [
+        (True, r"delivered 3 micro-batches of epoch 1.*micro-batches 3\.\.6 of epoch 1"),
+        (False, r"carries the first micro-batches of an accumulation window \(K=2\).*batch 0 of epoch 2"),
+    ],
+    ids=["loader_position", "plain_loader_window"],
+)
+def test_resume_past_the_saved_position_is_refused(tmp_path: Path, stateful: bool, refusal: str) -> None:
     """Without the rescaler's record of the stop (a checkpoint of an earlier version), Lightning would start epoch
-    2 while the loader's saved position is 3 micro-batches into epoch 1: the comparison at train start refuses."""
-    checkpoint = first_fit("max_time", tmp_path)
+    2: the loader's saved position (3 micro-batches into epoch 1) or, with a plain loader, the window the checkpoint
+    carries (its first micro-batch) says what would be lost, and the comparison at train start refuses."""
+    checkpoint = first_fit("max_time", tmp_path, stateful=stateful)
     saved = torch.load(checkpoint, weights_only=False)
     for key, state in saved["callbacks"].items():
         if key.startswith("SampleCountRescaler"):
             del state["stopped_inside_epoch"]
     torch.save(saved, checkpoint)
-    with pytest.raises(RuntimeError, match=r"delivered 3 micro-batches of epoch 1.*micro-batches 3\.\.6 of epoch 1"):
-        resumed_fit("max_time", checkpoint)
+    trainer = make_trainer(1, [], accumulate_grad_batches=2)
+    with pytest.raises(RuntimeError, match=refusal):
+        trainer.fit(ResumableModule(1, 0, stateful=stateful), ckpt_path=checkpoint)
 
 
 def test_resuming_inside_an_epoch_with_another_k_is_refused(tmp_path: Path) -> None:
