@@ -113,17 +113,19 @@ def resumed_mid_epoch(trainer: pl.Trainer) -> bool:
 
 
 def epoch_cut_short(trainer: pl.Trainer) -> tuple[int, int, int] | None:
-    """``(epoch, batches run, batches in the epoch)`` when Lightning marked the epoch processed before its end.
+    """``(epoch, batches run, batches in the epoch)`` when a stop ended the epoch Lightning marked processed.
 
     Lightning (2.5 and 2.6) counts an epoch processed when its loop ends, also when a stop (``should_stop``,
-    ``max_time``, ``max_steps``) ended it early; a checkpoint saved from then on resumes at the next epoch.
-    ``None`` inside an epoch, at an epoch's natural end, and before the first epoch.
+    which ``max_time`` sets, or ``max_steps``) ended it early; a checkpoint saved from then on resumes at the
+    next epoch. ``None`` inside an epoch, at an epoch's natural end, before the first epoch, and for an epoch
+    whose rest the module skipped (``on_train_batch_start`` returned -1), which the fit never meant to train.
     """
     fit_loop = trainer.fit_loop
     epochs = fit_loop.epoch_progress.current
     batches = fit_loop.epoch_loop.batch_progress
     in_epoch = trainer.num_training_batches
-    if epochs.started == 0 or epochs.processed != epochs.started or batches.is_last_batch:
+    stopped = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
+    if not stopped or epochs.started == 0 or epochs.processed != epochs.started or batches.is_last_batch:
         return None
     if batches.current.ready >= in_epoch:
         return None

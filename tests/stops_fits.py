@@ -35,6 +35,7 @@ from test_sampler_resume import (
     CountingSampler,
     ResumableModule,
     SaveAndStop,
+    SaveInsideWindowAndStop,
     dataset,
     final_parameters,
 )
@@ -131,6 +132,13 @@ def first_fit(case: str, tmp_path: Path, ranks: int = 1, mode: str = "deferred",
         )
         trainer.fit(ScheduledModule(ranks, num_workers=0))
         return stop.path
+    if case == "scheduler_inside_window":  # a checkpoint after batch 4 of epoch 1, inside a window of K=3
+        inside = SaveInsideWindowAndStop(tmp_path / "last.ckpt", tmp_path / "boundary.ckpt", batch_idx=4)
+        trainer = make_trainer(
+            ranks, [inside, GradientAccumulationScheduler(SCHEDULE)], mode, reload_dataloaders_every_n_epochs=1
+        )
+        trainer.fit(ScheduledModule(ranks, num_workers=0))
+        return inside.path
     if case == "max_time":
         last = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
         timer = BatchClockTimer(seconds=7 + STOP_BATCH + 1)  # epoch 0 has 7 micro-batches
@@ -169,7 +177,7 @@ def resumed_fit(case: str, checkpoint: Path, ranks: int = 1, mode: str = "deferr
     if not checkpoint.exists():
         raise FileNotFoundError(f"the stopped fit left no checkpoint at {checkpoint}")
     count = CountBatches()
-    if case == "scheduler_killed":
+    if case.startswith("scheduler"):
         module = ScheduledModule(ranks, num_workers=0)
         callbacks: list[pl.Callback] = [GradientAccumulationScheduler(SCHEDULE), count]
         trainer = make_trainer(ranks, callbacks, mode, reload_dataloaders_every_n_epochs=1)
