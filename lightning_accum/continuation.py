@@ -36,8 +36,11 @@ def micro_batches(first: int, end: int, epoch: int, in_epoch: int) -> str:
 
         >>> micro_batches(3, 7, epoch=1, in_epoch=7)
         'micro-batches 3..6 of epoch 1 (4 of its 7)'
+        >>> micro_batches(3, 4, epoch=1, in_epoch=7)
+        'micro-batch 3 of epoch 1 (1 of its 7)'
     """
-    return f"micro-batches {first}..{end - 1} of epoch {epoch} ({end - first} of its {in_epoch})"
+    which = f"micro-batch {first}" if end - first == 1 else f"micro-batches {first}..{end - 1}"
+    return f"{which} of epoch {epoch} ({end - first} of its {in_epoch})"
 
 
 def _position(state: Any) -> tuple[int, int] | None:
@@ -45,6 +48,31 @@ def _position(state: Any) -> tuple[int, int] | None:
     if isinstance(state, dict) and "epoch" in state and "micro_batches" in state:
         return int(state["epoch"]), int(state["micro_batches"])
     return None
+
+
+def _misplaced(saved_epoch: int, delivered: int, epoch: int, batch: int, in_epoch: int) -> str:
+    """The refusal when Lightning would resume at ``(epoch, batch)`` after the loader delivered ``delivered``."""
+    fix = (
+        "Resume with the Trainer settings of the saved fit (max_steps, accumulate_grad_batches, "
+        "limit_train_batches), or from a checkpoint saved at an epoch's end."
+    )
+    if epoch == saved_epoch and batch < delivered:
+        lost = f"{micro_batches(batch, delivered, epoch, in_epoch)}, read ahead but never trained, would be skipped"
+        fix = (
+            "In look-ahead mode, which reads a window's batches at its start, save checkpoints at optimizer-step "
+            "boundaries (ModelCheckpoint(every_n_train_steps=...)), or use the default mode (mode='deferred')."
+        )
+    elif epoch == saved_epoch:
+        lost = f"{micro_batches(delivered, batch, epoch, in_epoch)} would be skipped"
+    elif epoch > saved_epoch:
+        lost = f"{micro_batches(delivered, in_epoch, saved_epoch, in_epoch)} would be skipped"
+    else:
+        lost = f"epoch {epoch} would be trained again"
+    return (
+        f"This resume would not continue where the checkpoint stopped: its train loader had delivered {delivered} "
+        f"micro-batches of epoch {saved_epoch}, but Lightning is about to train epoch {epoch} from batch {batch}, so "
+        f"{lost}. {fix}"
+    )
 
 
 class Continuation:
@@ -120,17 +148,7 @@ class Continuation:
             saved_epoch, delivered = self.position
             expected = (saved_epoch, delivered) if delivered < in_epoch else (saved_epoch + 1, 0)
             if (epoch, batch) != expected:
-                lost = (
-                    f"{micro_batches(delivered, int(in_epoch), saved_epoch, int(in_epoch))} would be skipped"
-                    if (epoch, batch) > expected
-                    else "micro-batches already trained would be trained again"
-                )
-                raise RuntimeError(
-                    f"This resume would not continue where the checkpoint stopped: its train loader had delivered "
-                    f"{delivered} micro-batches of epoch {saved_epoch}, but Lightning is about to train epoch {epoch} "
-                    f"from batch {batch}, so {lost}. Resume with the Trainer settings of the saved fit (max_steps, "
-                    "accumulate_grad_batches, limit_train_batches), or from a checkpoint saved at an epoch's end."
-                )
+                raise RuntimeError(_misplaced(saved_epoch, delivered, epoch, batch, int(in_epoch)))
         if self.carries_window and self.saved_k is not None and (not self._mid_epoch or batch % self.saved_k == 0):
             raise RuntimeError(
                 f"The checkpoint carries the first micro-batches of an accumulation window (K={self.saved_k}), but "

@@ -82,6 +82,14 @@ def test_resume_past_the_saved_position_is_refused(tmp_path: Path, stateful: boo
         trainer.fit(ResumableModule(1, 0, stateful=stateful), ckpt_path=checkpoint)
 
 
+def test_ctrl_c_inside_a_window_in_lookahead_mode_is_refused(tmp_path: Path) -> None:
+    """Look-ahead read batch 3 (the window's second) before Ctrl+C came after batch 2: the loader continues at 4."""
+    checkpoint = first_fit("keyboard_interrupt", tmp_path, mode="lookahead")
+    read_ahead = r"micro-batch 3 of epoch 1 \(1 of its 7\), read ahead but never trained, would be skipped"
+    with pytest.raises(RuntimeError, match=read_ahead):
+        resumed_fit("keyboard_interrupt", checkpoint, mode="lookahead")
+
+
 def test_resuming_inside_an_epoch_with_another_k_is_refused(tmp_path: Path) -> None:
     """The scheduled fit's checkpoint (K=3 in epoch 1) resumed by a Trainer without the schedule (K=2)."""
     checkpoint = first_fit("scheduler_killed", tmp_path)
