@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from lightning_accum.continuation import Continuation
 from lightning_accum.counting import item_mean, masked_sum_and_count
 from lightning_accum.data.checks import require_window_split, warn_about_train_data
 from lightning_accum.engines import ENGINES
@@ -88,6 +89,7 @@ class SampleCountRescaler(Callback):
         self._batch_token: int | None = None  # the fit loop's batch for which this callback's hooks ran
         self._step_hook: RemovableHandle | None = None
         self._restored_window: dict[str, Any] | None = None  # a mid-window checkpoint's window, until train start
+        self._continuation = Continuation()  # what a checkpoint trained, checked against what a resume runs
 
     @property
     def state_key(self) -> str:
@@ -106,6 +108,7 @@ class SampleCountRescaler(Callback):
         self._logger.load_state_dict({"epoch_items": 0})
         self._batch_token = None
         self._restored_window = None
+        self._continuation = Continuation()
         # First in the list, so that every other callback's on_before_optimizer_step (clipping, gradient-norm
         # logging) sees the exact gradient, whatever order the user gave; the module's own hook runs after all.
         trainer.callbacks.remove(self)
@@ -119,6 +122,7 @@ class SampleCountRescaler(Callback):
             trainer.optimizers[0], lambda: self._engine.stepped_unfinished() and self._hooks_active()
         )
         warn_about_train_data(trainer.train_dataloader, resumed_mid_epoch(trainer))
+        self._continuation.check_start(trainer)
         if self._restored_window is not None:
             window, self._restored_window = self._restored_window, None
             restore_partial_window(window, trainer, self._engine, self._params())
@@ -128,6 +132,7 @@ class SampleCountRescaler(Callback):
             pl_module._sample_count_rescaler = None
         if stage != "fit":
             return
+        self._continuation.fit_ended(trainer)
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
@@ -162,11 +167,13 @@ class SampleCountRescaler(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._batch_token = batch_token(trainer)
+        first, self._batch_token = self._batch_token is None, batch_token(trainer)
         run = self._engine.run
+        if first:
+            self._continuation.check_first_batch(trainer, run.automatic)
         if run.automatic:
             run.accumulate_grad_batches = trainer.accumulate_grad_batches  # a schedule changes it at epoch starts
-        if batch_idx == 0 and run.automatic:
+        if run.automatic and (first or batch_idx % run.accumulate_grad_batches == 0):  # where a window starts
             require_window_split(
                 trainer.train_dataloader, run.accumulate_grad_batches, run.world_size, trainer.global_rank
             )
@@ -203,8 +210,14 @@ class SampleCountRescaler(Callback):
         return {
             **self._engine.state_dict(),
             **self._logger.state_dict(),
+            **self._continuation.state_dict(trainer, self._engine.run.accumulate_grad_batches),
             "window": None if trainer is None else gather_partial_window(trainer, self._engine, self._params()),
         }
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        self._continuation.load(checkpoint, checkpoint.get("callbacks", {}).get(self.state_key, {}))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._engine.load_state_dict(state_dict)

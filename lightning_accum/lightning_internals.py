@@ -10,7 +10,10 @@ that lacks a part fails before training instead of training wrong:
   (``CombinedLoader._state_dicts`` / ``_load_state_dicts``);
 - under ``ModelParallelStrategy`` the rescaler refuses tensor parallelism, read from ``_tensor_parallel_size``;
 - the rescaler tells whether its own hooks run for the current batch (Lightning's Tuner swaps the callbacks
-  out) from the epoch loop's batch counter, and whether a fit resumed mid-epoch from ``restarted_mid_epoch``.
+  out) from the epoch loop's batch counter, and whether a fit resumed mid-epoch from ``restarted_mid_epoch``;
+- at a stop and a resume (``continuation.py``) it reads the fit loop's epoch and batch progress, reopens in a
+  checkpoint an epoch that Lightning marked done after a stop inside it (``fit_loop.epoch_progress``), and
+  sets a ``GradientAccumulationScheduler``'s K when Lightning resumes mid-epoch without ``on_train_epoch_start``.
 """
 
 from __future__ import annotations
@@ -87,11 +90,13 @@ def require_loop_support() -> None:
 
         >>> require_loop_support()
     """
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
     from lightning.pytorch.loops import _FitLoop
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 
     wanted = [(_TrainingEpochLoop, "_num_ready_batches_reached"), (_TrainingEpochLoop, "total_batch_idx")]
-    wanted.append((_FitLoop, "restarted_mid_epoch"))
+    wanted += [(_FitLoop, "restarted_mid_epoch"), (_FitLoop, "on_save_checkpoint"), (_FitLoop, "state_dict")]
+    wanted.append((GradientAccumulationScheduler, "get_accumulate_grad_batches"))
     missing = [f"{owner.__name__}.{name}" for owner, name in wanted if not hasattr(owner, name)]
     if missing:
         raise RuntimeError(_missing_message("SampleCountRescaler", missing, f"Install {SUPPORTED}."))
@@ -105,6 +110,83 @@ def batch_token(trainer: pl.Trainer) -> int:
 def resumed_mid_epoch(trainer: pl.Trainer) -> bool:
     """True at ``on_train_start`` when the fit restarts inside an epoch from a checkpoint."""
     return bool(trainer.fit_loop.restarted_mid_epoch)
+
+
+def epoch_cut_short(trainer: pl.Trainer) -> tuple[int, int, int] | None:
+    """``(epoch, batches run, batches in the epoch)`` when a stop ended the epoch Lightning marked processed.
+
+    Lightning (2.5 and 2.6) counts an epoch processed when its loop ends, also when a stop (``should_stop``,
+    which ``max_time`` sets, or ``max_steps``) ended it early; a checkpoint saved from then on resumes at the
+    next epoch. ``None`` inside an epoch, at an epoch's natural end, before the first epoch, and for an epoch
+    whose rest the module skipped (``on_train_batch_start`` returned -1), which the fit never meant to train.
+    """
+    fit_loop = trainer.fit_loop
+    epochs = fit_loop.epoch_progress.current
+    batches = fit_loop.epoch_loop.batch_progress
+    in_epoch = trainer.num_training_batches
+    stopped = trainer.should_stop or 0 <= trainer.max_steps <= trainer.global_step
+    if not stopped or epochs.started == 0 or epochs.processed != epochs.started or batches.is_last_batch:
+        return None
+    if batches.current.ready >= in_epoch:
+        return None
+    return epochs.processed - 1, batches.current.ready, int(in_epoch)
+
+
+def reopen_epoch(checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint saved after a stop inside an epoch resume inside that epoch (in place).
+
+    ``epoch_cut_short`` saw the epoch counted processed (and, after ``on_train_end``, completed) with
+    batches left: both counts go back by one, which is Lightning's own state of a checkpoint saved inside the
+    epoch, so ``fit(ckpt_path=...)`` restarts mid-epoch, restores the train loader's position and continues
+    after the last batch run. Call it before Lightning restores its loops (a callback's ``on_load_checkpoint``).
+
+    Example::
+
+        >>> progress = {"ready": 2, "started": 2, "processed": 2, "completed": 2}
+        >>> saved = {"loops": {"fit_loop": {"epoch_progress": {"total": dict(progress), "current": dict(progress)}}}}
+        >>> reopen_epoch(saved)
+        >>> saved["loops"]["fit_loop"]["epoch_progress"]["current"]
+        {'ready': 2, 'started': 2, 'processed': 1, 'completed': 1}
+    """
+    try:
+        progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]
+        counts = [progress[key] for key in ("total", "current")]
+        unchanged = all(c["ready"] == c["started"] == c["processed"] for c in counts)
+    except (KeyError, TypeError) as error:
+        fix = f"Install {SUPPORTED}, or resume from a checkpoint saved inside the epoch or at its end."
+        missing = [f"checkpoint['loops']['fit_loop']['epoch_progress'] ({error!r})"]
+        raise RuntimeError(_missing_message("SampleCountRescaler's resume after a stop", missing, fix)) from error
+    if not unchanged:
+        raise RuntimeError("reopen_epoch: the checkpoint's epoch is not counted processed (a checkpoint inside it).")
+    for count in counts:
+        count["completed"] = min(count["completed"], count["processed"] - 1)
+        count["processed"] -= 1
+
+
+def saved_loader_states(checkpoint: dict[str, Any]) -> list[Any]:
+    """The train loaders' ``state_dict()`` that Lightning saved in ``checkpoint`` (empty for loaders without one)."""
+    loops = checkpoint.get("loops") or {}
+    return list(loops.get("fit_loop", {}).get("state_dict", {}).get("combined_loader", []))
+
+
+def resume_point(trainer: pl.Trainer) -> tuple[int, int]:
+    """``(epoch, batch index)`` at which the fit loop will train next, read at ``on_train_start``."""
+    epoch_loop = trainer.fit_loop.epoch_loop
+    batch = epoch_loop.batch_progress.current.processed if epoch_loop.restarting else 0
+    return trainer.current_epoch, 0 if batch >= trainer.num_training_batches else batch
+
+
+def scheduled_accumulation(trainer: pl.Trainer) -> int | None:
+    """The K that a ``GradientAccumulationScheduler`` among the callbacks sets for the current epoch, else None.
+
+    Lightning applies the schedule in ``on_train_epoch_start``, which it skips when it resumes inside an epoch.
+    """
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, GradientAccumulationScheduler):
+            return int(callback.get_accumulate_grad_batches(trainer.current_epoch))
+    return None
 
 
 def window_ends_epoch(trainer: pl.Trainer) -> bool:

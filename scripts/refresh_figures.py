@@ -40,6 +40,7 @@ MEASURE_TESTS = [
     "tests/test_manual.py",
     "tests/test_reliability.py",
     "tests/test_sampler_resume.py",
+    "tests/test_stops.py",
     "tests/test_grouping.py",
     "tests/test_demos_models.py",
     "tests/test_logging_and_state.py",
