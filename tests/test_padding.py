@@ -9,6 +9,7 @@ item mean over its window of ``randperm(SEED + epoch)``.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,9 +20,10 @@ from fits import QUIET_TRAINER, ReleaseProcessGroup
 from lightning.pytorch.strategies import DDPStrategy
 from reference import flat_parameters, relative_distance, train_reference
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_accum import GlobalBatchLoader, GlobalBatchSampler, SampleCountMixin, SampleCountRescaler
+from lightning_accum.data.checks import warn_about_padding_index
 from lightning_accum.demos.datasets import FeatureDataset
 from lightning_accum.engines import DeferredEngine, LookaheadEngine
 from lightning_accum.run import Run
@@ -195,3 +197,13 @@ def test_mask_on_another_device_names_the_fix() -> None:
     losses = torch.ones(3, requires_grad=True)
     with pytest.raises(ValueError, match=r"mask is on meta but losses are on cpu.*mask.to\(losses.device\)"):
         PaddingModule((1, 1), legacy=False).sample_loss(losses, torch.ones(3, dtype=torch.bool, device="meta"))
+
+
+def test_a_plain_dataloader_over_a_padding_sampler_warns_with_the_fix() -> None:
+    pads = GlobalBatchSampler(5, 2, num_replicas=2, rank=0)
+    with pytest.warns(UserWarning, match=r"padding index -1 to the dataset.*Use GlobalBatchLoader\(dataset"):
+        warn_about_padding_index(DataLoader(list(range(5)), batch_sampler=pads))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_about_padding_index(GlobalBatchLoader(list(range(5)), pads))
+        warn_about_padding_index(DataLoader(list(range(5)), batch_sampler=GlobalBatchSampler(5, 2)))  # never pads
