@@ -193,7 +193,7 @@ class WeightingEngine(ABC):
                 f"or {int(agreement.ranks_ending)} of {self.run.world_size} ranks ended their epoch at this step): at "
                 "the epoch's end one rank would wait forever for the others. Give every rank the same number of "
                 "batches, e.g. with GlobalBatchLoader(dataset, GlobalBatchSampler(...)) and "
-                "Trainer(use_distributed_sampler=False), which pads short ranks with placeholder samples that count "
+                "Trainer(use_distributed_sampler=False), which pads short ranks with padding micro-batches that count "
                 "nothing."
             )
         if verdict & Verdict.WEIGHTS_DIFFER:
