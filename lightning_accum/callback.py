@@ -15,6 +15,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_accum.continuation import Continuation
 from lightning_accum.counting import item_mean, masked_sum_and_count
 from lightning_accum.data.checks import require_window_split, warn_about_train_data
+from lightning_accum.data.loader import is_padding
 from lightning_accum.engines import ENGINES
 from lightning_accum.evaluation import EvaluationMeans
 from lightning_accum.lightning_internals import batch_token, resumed_mid_epoch, upcoming_batches, window_ends_epoch
@@ -177,8 +178,8 @@ class SampleCountRescaler(Callback):
             require_window_split(
                 trainer.train_dataloader, run.accumulate_grad_batches, run.world_size, trainer.global_rank
             )
-
-        self._engine.start_micro_batch(batch_idx, batch, partial(upcoming_batches, trainer, batch_idx))
+        padding = partial(is_padding, trainer.train_dataloader)  # the loader marks its padding micro-batches
+        self._engine.start_micro_batch(batch_idx, batch, partial(upcoming_batches, trainer, batch_idx), padding)
 
     def on_before_zero_grad(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer

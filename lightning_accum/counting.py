@@ -23,6 +23,10 @@ def validate_item_losses(losses: Tensor, mask: Tensor | None) -> None:
         Traceback (most recent call last):
         ...
         ValueError: sample_loss expects one loss per item ...
+        >>> validate_item_losses(torch.ones(2), torch.ones(2, dtype=torch.bool, device="meta"))
+        Traceback (most recent call last):
+        ...
+        ValueError: mask is on meta but losses are on cpu; build the mask on the losses' device, ...
     """
     if not isinstance(losses, Tensor):
         raise TypeError(f"sample_loss expects a tensor of per-item losses, got {type(losses).__name__}.")
@@ -37,6 +41,11 @@ def validate_item_losses(losses: Tensor, mask: Tensor | None) -> None:
     if mask is None:
         return
     require_shape_of(losses, "mask", mask, "one mask entry per item loss (same shape), e.g. mask=target != -100")
+    if mask.device != losses.device:
+        raise ValueError(
+            f"mask is on {mask.device} but losses are on {losses.device}; build the mask on the losses' device, "
+            "e.g. mask=target != -100 from the target in the batch, or pass mask.to(losses.device)."
+        )
     if mask.dtype == torch.bool:
         return
     if mask.is_complex():

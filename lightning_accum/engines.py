@@ -3,8 +3,9 @@
 The protocol (``WeightingEngine``), in the order a fit calls it:
 
 - ``begin_fit(run)``: the fit's constants (``run.Run``), once per fit;
-- ``start_micro_batch(batch_idx, batch, upcoming)``: a training batch starts (look-ahead counts a window's
-  items here, reading its batches with ``upcoming``);
+- ``start_micro_batch(batch_idx, batch, upcoming, padding)``: a training batch starts (look-ahead counts a
+  window's items here, reading its batches with ``upcoming``); ``padding(position)`` says which of the epoch's
+  micro-batches are padding, which count 0 items (and no ``batch_loss`` term) whatever their masks say;
 - ``micro_batch_loss(loss_sum, items, weighted)``: the loss ``sample_loss`` returns for a micro-batch's counted
   loss sum and item count (with per-item weights: the weighted sum and the weight sum);
 - ``batch_term(term)``: the loss ``batch_loss`` returns for a per-micro-batch term (look-ahead mode only);
@@ -47,6 +48,19 @@ that still counts as equal (float32 summation order); unweighted counts must mat
 Upcoming = Callable[[int], Sequence[Any]]
 """``upcoming(n)``: the next ``n`` batches of the epoch (fewer at its end), read without consuming them."""
 
+Padding = Callable[[int], bool]
+"""``padding(position)``: whether the epoch's micro-batch at ``position`` (its ``batch_idx``) is padding."""
+
+
+def _nothing(loss: Tensor) -> Tensor:
+    """0, keeping ``loss``'s graph (a backward still runs through it, with gradient 0)."""
+    return torch.where(torch.zeros((), dtype=torch.bool, device=loss.device), loss, 0.0)
+
+
+def no_padding(position: int) -> bool:
+    """The ``Padding`` of data without padding micro-batches."""
+    return False
+
 
 @dataclass(frozen=True)
 class FinishedWindow:
@@ -83,14 +97,21 @@ class WeightingEngine(ABC):
         self.contract = BackwardContract(run.module_name, run.helper)
         self.window.reset()
         self._finished = False
+        self._padding = False  # the running micro-batch is padding
 
-    def start_micro_batch(self, batch_idx: int, batch: Any, upcoming: Upcoming) -> None:
+    def start_micro_batch(self, batch_idx: int, batch: Any, upcoming: Upcoming, padding: Padding = no_padding) -> None:
         """Training batch ``batch_idx`` of the epoch starts (``batch``: as ``training_step`` receives it)."""
         self.contract.start_micro_batch()
+        self._padding = padding(batch_idx)
 
     def micro_batch_loss(self, loss_sum: Tensor, items: Tensor, weighted: bool = False) -> Tensor:
         """The loss to backpropagate for a micro-batch with this sum of counted item losses and item count
-        (``weighted``: per-item weights made them ``sum(w * loss)`` and ``sum(w)``)."""
+        (``weighted``: per-item weights made them ``sum(w * loss)`` and ``sum(w)``).
+
+        A padding micro-batch counts nothing: its sum is 0 (a graph without gradient) and its count 0.
+        """
+        if self._padding:
+            loss_sum, items = _nothing(loss_sum), torch.zeros_like(items)
         loss = self._loss(loss_sum, items)
         self.contract.record(loss)
         if loss.requires_grad:  # one without a graph is only logged: a backward never carries it
@@ -110,7 +131,7 @@ class WeightingEngine(ABC):
     def batch_term(self, term: Tensor) -> Tensor:
         """The loss to backpropagate for ``term``, a 0-dim tensor whose gradient counts as its mean over the
         window's micro-batches on all ranks."""
-        loss = self._term_loss(term)
+        loss = self._term_loss(_nothing(term) if self._padding else term)
         self.contract.record_term(loss)
         if loss.requires_grad:
             device = self.run.device
@@ -208,7 +229,7 @@ class WeightingEngine(ABC):
                 f"or {int(agreement.ranks_ending)} of {self.run.world_size} ranks ended their epoch at this step): at "
                 "the epoch's end one rank would wait forever for the others. Give every rank the same number of "
                 "batches, e.g. with GlobalBatchLoader(dataset, GlobalBatchSampler(...)) and "
-                "Trainer(use_distributed_sampler=False), which pads short ranks with placeholder samples that count "
+                "Trainer(use_distributed_sampler=False), which pads short ranks with padding micro-batches that count "
                 "nothing."
             )
         if verdict & Verdict.WEIGHTS_DIFFER:
@@ -305,12 +326,13 @@ class LookaheadEngine(WeightingEngine):
         super().forget_window()
         self._carried = set()
 
-    def start_micro_batch(self, batch_idx: int, batch: Any, upcoming: Upcoming) -> None:
-        super().start_micro_batch(batch_idx, batch, upcoming)
+    def start_micro_batch(self, batch_idx: int, batch: Any, upcoming: Upcoming, padding: Padding = no_padding) -> None:
+        super().start_micro_batch(batch_idx, batch, upcoming, padding)
         k = self.run.accumulate_grad_batches
         offset = batch_idx % k
         if offset == 0:
-            self._count_window([batch, *upcoming(k - 1)])
+            batches = [batch, *upcoming(k - 1)]
+            self._count_window(batches, [padding(batch_idx + i) for i in range(len(batches))])
         elif self._window_items is None:
             raise RuntimeError(
                 f"SampleCountRescaler(mode='lookahead') cannot start in the middle of a window (batch {batch_idx}, "
@@ -325,15 +347,20 @@ class LookaheadEngine(WeightingEngine):
             )
         self._offset = offset
 
-    def _count_window(self, batches: Sequence[Any]) -> None:
-        """Count the window's micro-batches on this rank and all-reduce their total (one collective)."""
+    def _count_window(self, batches: Sequence[Any], padding: Sequence[bool]) -> None:
+        """Count the window's micro-batches on this rank (padding ones as 0) and all-reduce their total (one
+        collective)."""
         count_items = self.run.count_items
         if count_items is None:
             raise RuntimeError("LookaheadEngine needs run.count_items, the rule that counts a batch's items.")
         device, dtype = self.run.device, count_dtype(self.run.device)
-        self._counts = torch.stack([as_count(count_items(b), device, dtype) for b in batches])
-        micro_batches = torch.full((), len(batches), dtype=dtype, device=device)  # no host-to-device copy
-        self._window_items, self._window_batches = self.run.reduce_sum(torch.stack([self._counts.sum(), micro_batches]))
+        counts = [
+            torch.zeros((), dtype=dtype, device=device) if pad else as_count(count_items(b), device, dtype)
+            for b, pad in zip(batches, padding, strict=True)
+        ]
+        self._counts = torch.stack(counts)
+        real = torch.full((), padding.count(False), dtype=dtype, device=device)  # no host-to-device copy
+        self._window_items, self._window_batches = self.run.reduce_sum(torch.stack([self._counts.sum(), real]))
         self._k = self.run.accumulate_grad_batches
 
     def _loss(self, loss_sum: Tensor, items: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ that lacks a part fails before training instead of training wrong:
 - ``GlobalBatchLoader`` relies on Lightning saving and restoring the state of a ``_Stateful`` train loader
   (``CombinedLoader._state_dicts`` / ``_load_state_dicts``);
 - under ``ModelParallelStrategy`` the rescaler refuses tensor parallelism, read from ``_tensor_parallel_size``;
+- under ``DDPStrategy`` it refuses ``static_graph=True`` with accumulation, read from ``_ddp_kwargs``;
 - the rescaler tells whether its own hooks run for the current batch (Lightning's Tuner swaps the callbacks
   out) from the epoch loop's batch counter, and whether a fit resumed mid-epoch from ``restarted_mid_epoch``;
 - at a stop and a resume (``continuation.py``) it reads the fit loop's epoch and batch progress, reopens in a
@@ -243,3 +244,28 @@ def tensor_parallel_size(strategy: Any) -> int:
             )
         )
     return size
+
+
+def ddp_static_graph(strategy: Any) -> bool:
+    """Whether a ``DDPStrategy`` wraps the model with ``static_graph=True`` (its ``_ddp_kwargs``); False otherwise.
+
+    Example::
+
+        >>> from lightning.pytorch.strategies import DDPStrategy
+        >>> ddp_static_graph(DDPStrategy(static_graph=True)), ddp_static_graph(DDPStrategy())
+        (True, False)
+    """
+    from lightning.pytorch.strategies import DDPStrategy
+
+    if not isinstance(strategy, DDPStrategy):
+        return False
+    kwargs = getattr(strategy, "_ddp_kwargs", None)
+    if not isinstance(kwargs, dict):
+        raise RuntimeError(
+            _missing_message(
+                "SampleCountRescaler under DDPStrategy",
+                ["DDPStrategy._ddp_kwargs"],
+                f"Install {SUPPORTED}.",
+            )
+        )
+    return bool(kwargs.get("static_graph", False))

@@ -9,6 +9,7 @@ rescale factor is ``trainer.world_size``, and ``trainer.strategy.reduce`` sums t
 from __future__ import annotations
 
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import GradientAccumulationScheduler
 from lightning.pytorch.plugins.precision import (
     DoublePrecision,
     FSDPPrecision,
@@ -27,7 +28,12 @@ from lightning.pytorch.strategies import (
     XLAStrategy,
 )
 
-from lightning_accum.lightning_internals import require_lookahead_support, require_loop_support, tensor_parallel_size
+from lightning_accum.lightning_internals import (
+    ddp_static_graph,
+    require_lookahead_support,
+    require_loop_support,
+    tensor_parallel_size,
+)
 from lightning_accum.mixin import SampleCountMixin
 
 SHARDED_STRATEGIES: tuple[type[Strategy], ...] = (FSDPStrategy, ModelParallelStrategy)
@@ -100,6 +106,52 @@ def require_supported_strategy(strategy: Strategy) -> None:
         )
 
 
+def largest_accumulation(trainer: pl.Trainer) -> int:
+    """The largest K of the fit: the Trainer's, or the largest of a ``GradientAccumulationScheduler``'s schedule.
+
+    Example::
+
+        >>> trainer = pl.Trainer(callbacks=[GradientAccumulationScheduler({0: 1, 2: 4})], logger=False,
+        ...                      enable_checkpointing=False)
+        >>> largest_accumulation(trainer)
+        4
+    """
+    scheduled = [
+        factor
+        for callback in trainer.callbacks
+        if isinstance(callback, GradientAccumulationScheduler)
+        for factor in callback.scheduling.values()
+    ]
+    return max([trainer.accumulate_grad_batches, *scheduled])
+
+
+def require_no_static_graph_accumulation(trainer: pl.Trainer) -> None:
+    """Raise under ``DDPStrategy(static_graph=True)`` with accumulation (any K > 1, scheduled too).
+
+    Lightning skips DDP's gradient sync (``no_sync``) on a window's first K - 1 micro-batches, which a static
+    graph does not allow: PyTorch's reducer stops with an internal assert (``expect_autograd_hooks_``) at the
+    window's last backward, with or without the rescaler.
+
+    Example::
+
+        >>> from lightning.pytorch.strategies import DDPStrategy
+        >>> trainer = pl.Trainer(strategy=DDPStrategy(static_graph=True), accumulate_grad_batches=2, logger=False,
+        ...                      enable_checkpointing=False)
+        >>> require_no_static_graph_accumulation(trainer)
+        Traceback (most recent call last):
+        ...
+        RuntimeError: DDPStrategy(static_graph=True) cannot accumulate gradients (K=2): ...
+    """
+    k = largest_accumulation(trainer)
+    if k > 1 and ddp_static_graph(trainer.strategy):
+        raise RuntimeError(
+            f"DDPStrategy(static_graph=True) cannot accumulate gradients (K={k}): Lightning skips DDP's gradient "
+            "sync on the first K - 1 micro-batches of each window, which a static graph does not allow (PyTorch's "
+            "reducer fails with an internal assert). Use DDPStrategy(static_graph=False) (the default, "
+            "strategy='ddp'), or accumulate_grad_batches=1 without a GradientAccumulationScheduler."
+        )
+
+
 def require_supported_precision(plugin: Precision) -> None:
     """Raise unless ``plugin`` is one of Lightning's 64/32-true, 16/bf16-mixed, 16/bf16-true or FSDP plugins.
 
@@ -143,6 +195,8 @@ def require_supported_fit(
             "default mode with `self.sample_backward(losses, mask)` in your training_step."
         )
     require_supported_strategy(trainer.strategy)
+    if pl_module.automatic_optimization:
+        require_no_static_graph_accumulation(trainer)
     require_supported_precision(trainer.precision_plugin)
     require_loop_support()
     if mode == "lookahead":

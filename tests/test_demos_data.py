@@ -83,15 +83,22 @@ def test_global_sampler_covers_each_sample_once_with_padding_flagged():
     assert sorted(map(tuple, x.tolist())) == sorted(map(tuple, dm.train_set.x.tolist()))
 
 
-def test_global_sampler_pads_a_short_rank_with_invalid_samples():
-    # 5 samples, 2 ranks, micro-batch 2: the last step holds 1 sample, so rank 1 gets a padding slot.
+def test_global_sampler_pads_a_short_rank_with_a_micro_batch_the_loader_marks():
+    # 5 samples, 2 ranks, micro-batch 2: the last step holds 1 sample, so rank 1 gets a padding micro-batch. The
+    # loader fetches a real sample for it (the dataset never sees -1) and marks it; the rescaler counts it as 0.
     dm = RegressionDataModule(num_samples=5, num_val_samples=2, micro_batch_size=2, sampler="global")
     dm.setup()
-    valid = []
+    xs, padding = [], []
     for rank in (0, 1):
         dm.trainer = type("T", (), {"world_size": 2, "global_rank": rank, "current_epoch": 0})()
-        valid += [b["valid"] for b in dm.train_dataloader()]
-    assert int(torch.cat(valid).sum()) == 5 and len(torch.cat(valid)) == 6
+        loader = dm.train_dataloader()
+        batches = list(loader)
+        padding += [loader.is_padding(p) for p in range(len(batches))]
+        xs += [b["x"] for p, b in enumerate(batches) if not loader.is_padding(p)]
+        assert all(b["valid"].all() for b in batches)
+    assert padding == [False, False, False, True]
+    x = torch.cat(xs)
+    assert sorted(map(tuple, x.tolist())) == sorted(map(tuple, dm.train_set.x.tolist()))
 
 
 @pytest.mark.parametrize(

@@ -7,24 +7,15 @@ keeps Lightning from injecting its ``DistributedSampler``, which would shuffle a
 import lightning.pytorch as L
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import TensorDataset
 
 from lightning_accum import GlobalBatchLoader, GlobalBatchSampler, SampleCountMixin, SampleCountRescaler
 
 
-class Samples(Dataset):
-    """100 seeded samples; index -1 (a padding slot of GlobalBatchSampler) gives a placeholder, valid=False."""
-
-    def __init__(self) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.x, self.y = torch.randn(100, 8, generator=generator), torch.randint(0, 3, (100,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, index: int) -> dict:
-        valid = index != -1
-        return {"x": self.x[index] * valid, "y": self.y[index] * valid, "valid": torch.tensor(valid)}
+def samples() -> TensorDataset:
+    """97 seeded samples in a plain dataset: GlobalBatchLoader pads a rank that runs short, not the dataset."""
+    generator = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(97, 8, generator=generator), torch.randint(0, 3, (97,), generator=generator))
 
 
 class Classifier(SampleCountMixin, L.LightningModule):
@@ -33,12 +24,12 @@ class Classifier(SampleCountMixin, L.LightningModule):
         self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 3))
 
     def training_step(self, batch, batch_idx):
-        losses = F.cross_entropy(self.net(batch["x"]), batch["y"], reduction="none")
-        return self.sample_loss(losses, mask=batch["valid"])  # padding slots count for nothing
+        x, y = batch
+        return self.sample_loss(F.cross_entropy(self.net(x), y, reduction="none"))
 
     def train_dataloader(self):  # the ranks are known here: the sampler reads them from torch.distributed
-        sampler = GlobalBatchSampler(100, micro_batch_size=8, accumulate_grad_batches=2, seed=0)
-        return GlobalBatchLoader(Samples(), sampler)
+        sampler = GlobalBatchSampler(97, micro_batch_size=8, accumulate_grad_batches=2, seed=0)
+        return GlobalBatchLoader(samples(), sampler)
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -59,5 +50,6 @@ if __name__ == "__main__":
         enable_progress_bar=False,
     )
     trainer.fit(Classifier())
-    # 100 samples in windows of 2 ranks x 2 x 8 = 32: 3 full steps and one of 4 samples, each sample once.
+    # 97 samples in windows of 2 ranks x 2 x 8 = 32: 3 full steps and one of 1 sample, each sample once (rank 1
+    # runs a padding micro-batch there, which counts nothing: train/items is 1).
     print({name: round(value.item(), 4) for name, value in trainer.callback_metrics.items()})

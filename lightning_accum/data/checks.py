@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lightning_accum.data.loader import GlobalBatchLoader
 from lightning_accum.data.protocol import WindowSampler
+from lightning_accum.data.sampler import GlobalBatchSampler
 
 
 def repeated_samples(loader: Any) -> tuple[int, int, int] | None:
@@ -49,9 +52,49 @@ def require_window_split(loader: Any, accumulate_grad_batches: int, world_size: 
         batch_sampler.require_split(accumulate_grad_batches, world_size, rank)
 
 
+def may_pad(sampler: GlobalBatchSampler) -> bool:
+    """Whether some rank's epoch from ``sampler`` can hold a padding micro-batch ``[PAD_INDEX]``.
+
+    Only a last, partial window pads: ungrouped, when it holds fewer samples than micro-batches; grouped by
+    length, whenever there is one (a grouping may leave a micro-batch empty).
+
+    Example::
+
+        >>> may_pad(GlobalBatchSampler(5, 2, num_replicas=2, rank=0)), may_pad(GlobalBatchSampler(5, 2))
+        (True, False)
+    """
+    rest = 0 if sampler.drop_last else sampler.dataset_size % sampler.effective_batch_size
+    if rest == 0:
+        return False
+    slots = sampler.num_replicas * math.ceil(rest / (sampler.num_replicas * sampler.micro_batch_size))
+    return sampler.lengths is not None or rest < slots
+
+
+def warn_about_padding_index(loader: Any) -> None:
+    """Warn (rank 0) when a plain ``DataLoader`` hands a ``GlobalBatchSampler``'s padding index to the dataset.
+
+    Only a dataset that turns ``-1`` into a placeholder its loss mask excludes is then exact; ``GlobalBatchLoader``
+    fetches a real sample instead and the rescaler counts that micro-batch as nothing, for any dataset.
+    """
+    batch_sampler = getattr(loader, "batch_sampler", None)
+    if isinstance(loader, GlobalBatchLoader) or not isinstance(batch_sampler, GlobalBatchSampler):
+        return
+    if may_pad(batch_sampler):
+        rank_zero_warn(
+            "The train DataLoader hands GlobalBatchSampler's padding index -1 to the dataset, and SampleCountRescaler "
+            "counts whatever the dataset returns for it: a dataset that indexes plainly returns its last sample, "
+            "which is then counted as an item. Use GlobalBatchLoader(dataset, GlobalBatchSampler(...)) in place of "
+            "DataLoader(dataset, batch_sampler=...): it fetches a real sample for a padding micro-batch and the "
+            "rescaler counts it as nothing, so the dataset needs no special case for -1.",
+            category=UserWarning,
+        )
+
+
 def warn_about_train_data(loader: Any, resumed_mid_epoch: bool) -> None:
-    """Warn (rank 0) about train data that changes what the windows count: repeats, or a replayed epoch."""
+    """Warn (rank 0) about train data that changes what the windows count: repeats, a padding index handed to the
+    dataset, or a replayed epoch."""
     warn_about_repeated_samples(loader)
+    warn_about_padding_index(loader)
     if resumed_mid_epoch:
         warn_unless_loaders_resume(loader)
 

@@ -6,6 +6,10 @@ resume calls ``load_state_dict`` before it asks the loader for an iterator. It d
 a loader without state starts the epoch over. For a loader with a length, Lightning's training fetcher takes
 no batch ahead, so the batches this loader has delivered are the batches training has consumed; the
 sampler itself runs ahead of them by ``prefetch_factor * num_workers`` micro-batches when workers load data.
+
+Padding is the loader's business, not the dataset's: ``GlobalBatchSampler`` pads a rank that runs short with
+whole micro-batches ``[PAD_INDEX]``; the loader fetches a real sample in their place (so any map-style dataset
+works unchanged) and records their positions, and ``SampleCountRescaler`` counts such a micro-batch as 0 items.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_accum.data.sampler import GlobalBatchSampler
+from lightning_accum.data.sampler import PAD_INDEX, GlobalBatchSampler
 from lightning_accum.lightning_internals import require_stateful_loader_support
 
 
@@ -28,7 +32,13 @@ class GlobalBatchLoader(DataLoader):
     both, so ``trainer.fit(model, ckpt_path=...)`` from a mid-epoch checkpoint continues the epoch with
     the next unseen micro-batch. The iterator asks the sampler for indices only at its first batch, after
     Lightning's ``set_epoch``, so workers never prefetch a stale epoch. Other keyword arguments
-    (``collate_fn``, ``num_workers``, ...) go to ``DataLoader``.
+    (``collate_fn``, ``num_workers``, ...) go to ``DataLoader``; ``in_order=False`` is refused (the positions
+    of the delivered batches would be unknown).
+
+    The dataset never sees the padding index: for a padding micro-batch ``[PAD_INDEX]`` the loader fetches
+    ``[padding_substitute]`` (the shortest sample under length grouping, else sample 0) and records its
+    position in the epoch; ``is_padding(position)`` answers for the batches delivered, and
+    ``SampleCountRescaler`` counts those micro-batches as 0 items in both modes.
 
     Example::
 
@@ -43,6 +53,12 @@ class GlobalBatchLoader(DataLoader):
         >>> resumed.load_state_dict(state)
         >>> [batch.tolist() for batch in resumed]
         [[4, 5], [6, 7], [8, 9]]
+        >>> sampler = GlobalBatchSampler(5, 2, num_replicas=2, rank=1, shuffle=False)  # rank 1 runs short
+        >>> list(sampler)
+        [[2, 3], [-1]]
+        >>> short = GlobalBatchLoader(list(range(10, 15)), sampler)  # a list: [-1] would fetch its last item, 14
+        >>> [batch.tolist() for batch in short], short.is_padding(0), short.is_padding(1)
+        ([[12, 13], [10]], False, True)
     """
 
     batch_sampler: GlobalBatchSampler
@@ -53,9 +69,30 @@ class GlobalBatchLoader(DataLoader):
                 f"GlobalBatchLoader needs a GlobalBatchSampler, got {type(batch_sampler).__name__}. "
                 "Use a plain DataLoader for other samplers."
             )
+        if kwargs.get("in_order") is False:
+            raise ValueError(
+                "GlobalBatchLoader delivers micro-batches in the sampler's order (its resume position and padding "
+                "marks follow it): drop in_order=False."
+            )
         super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
         self._position: tuple[int, int] | None = None  # (epoch, micro-batches delivered) of the last iteration
+        self._padding: set[int] = set()  # positions in the epoch of the padding micro-batches sampled so far
         require_stateful_loader_support(self)
+
+    @property
+    def _index_sampler(self) -> _SubstitutePadding:
+        """What ``DataLoader``'s iterators draw indices from: the sampler, with padding micro-batches replaced."""
+        return _SubstitutePadding(self)
+
+    @property
+    def padding_substitute(self) -> int:
+        """The sample fetched for a padding micro-batch: the shortest under length grouping, else sample 0."""
+        lengths = self.batch_sampler.lengths
+        return 0 if lengths is None else min(range(len(lengths)), key=lengths.__getitem__)
+
+    def is_padding(self, position: int) -> bool:
+        """Whether the current epoch's micro-batch ``position`` (Lightning's ``batch_idx``) is padding."""
+        return position in self._padding
 
     def __iter__(self) -> Iterator[Any]:
         sampler = self.batch_sampler
@@ -94,3 +131,42 @@ class GlobalBatchLoader(DataLoader):
             )
         sampler.resume(state_dict["epoch"], state_dict["micro_batches"], state_dict)
         self._position = None
+
+
+class _SubstitutePadding:
+    """A loader's batch sampler as its ``DataLoader`` iterators read it: padding fetched as a real sample, marked."""
+
+    def __init__(self, loader: GlobalBatchLoader) -> None:
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader.batch_sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        sampler, loader = self.loader.batch_sampler, self.loader
+        position = sampler.start  # before the sampler's iteration, which clears its resume position
+        loader._padding = set()
+        for batch in sampler:
+            if PAD_INDEX in batch:
+                if len(batch) != 1:
+                    raise RuntimeError(
+                        f"{type(sampler).__name__} yielded the padding index inside micro-batch {position} "
+                        f"({batch}); padding must be a whole micro-batch [PAD_INDEX]."
+                    )
+                loader._padding.add(position)
+                batch = [loader.padding_substitute]
+            yield batch
+            position += 1
+
+
+def is_padding(loader: Any, position: int) -> bool:
+    """Whether micro-batch ``position`` of the epoch from the train ``loader`` is padding (counts 0 items).
+
+    Only a ``GlobalBatchLoader`` delivers padding micro-batches; any other loader's batches are all real.
+
+    Example::
+
+        >>> is_padding([[1, 2]], 0)
+        False
+    """
+    return isinstance(loader, GlobalBatchLoader) and loader.is_padding(position)

@@ -6,8 +6,9 @@ samples, one window per optimizer step. A window is cut into ``num_replicas * m`
 (``m = accumulate_grad_batches`` for a full window) whose sizes differ by at most one, and micro-batch
 ``q`` goes to rank ``q % num_replicas``. So the union of a step's micro-batches over all ranks is the
 window, whatever the split. The last, partial window gets ``m = ceil(n / (num_replicas * micro_batch_size))``
-micro-batches on every rank; a micro-batch left with no sample holds the padding index ``PAD_INDEX``,
-which datasets turn into a placeholder that the loss mask excludes. Every sample appears exactly once
+micro-batches on every rank; a micro-batch left with no sample is a whole padding micro-batch
+``[PAD_INDEX]``, which ``GlobalBatchLoader`` fetches as a real sample and marks, and the rescaler counts as
+nothing. Every sample appears exactly once
 per epoch and every rank runs the same number of micro-batches. With ``lengths``, each window is instead cut
 into the same number of micro-batches of similar lengths (``grouped_micro_batches``): the window, and so the
 update under exact item weighting, stays the same; only the padding shrinks.
@@ -29,7 +30,8 @@ from torch.utils.data import Sampler
 from lightning_accum.data.grouping import assign_groups, length_groups, padded_tokens, require_budget
 
 PAD_INDEX = -1
-"""The index yielded for a padding slot: the dataset returns a placeholder sample flagged ``valid=False``."""
+"""The index of a padding micro-batch ``[PAD_INDEX]``: ``GlobalBatchLoader`` fetches a real sample in its place and
+marks it, and ``SampleCountRescaler`` counts it as 0 items; the dataset never sees it through the loader."""
 
 
 def _positive_int(name: str, value: Any) -> int:

@@ -4,6 +4,8 @@ Each takes ``sampler="default"`` (a shuffled ``DataLoader``; Lightning adds a ``
 under DDP) or ``sampler="global"`` (a ``lightning_accum.GlobalBatchLoader`` over a ``GlobalBatchSampler``:
 every optimizer step sees the same global set of samples whatever the number of ranks, and a mid-epoch
 checkpoint resumes at the next unseen micro-batch; needs ``Trainer(use_distributed_sampler=False)``).
+Validation then reads a plain ``DataLoader`` over a ``GlobalBatchSampler`` with K=1: its padding index reaches
+the datasets, which turn it into a ``valid=False`` placeholder that the metrics exclude.
 ``accumulate_grad_batches`` is the run's K (an int or an epoch -> K mapping), which the global sampler needs
 to form windows. Each describes its data (``num_features`` and ``num_classes``, or ``vocab``).
 """
@@ -99,6 +101,10 @@ class ExampleDataModule(pl.LightningDataModule):
             seed=self.seed,
             **self.sampler_kwargs(dataset, train),
         )
+        if not train:
+            # Outside training nothing reads the loader's padding marks: the datasets here turn the padding index
+            # into a placeholder with valid=False, which the validation metrics exclude.
+            return DataLoader(dataset, batch_sampler=batch_sampler, **common)
         return GlobalBatchLoader(dataset, batch_sampler, **common)
 
     def train_dataloader(self) -> DataLoader:

@@ -1,7 +1,9 @@
-"""Map-style datasets of dict samples that accept the padding index ``-1``.
+"""Map-style datasets of dict samples that also accept the padding index ``-1``.
 
-A real sample carries ``"valid": True``. Index ``-1`` (a padding slot of ``GlobalBatchSampler``)
-returns a placeholder of the same shapes with ``"valid": False``, which example models mask out.
+A real sample carries ``"valid": True``. Through ``GlobalBatchLoader`` a dataset never sees ``-1`` (the loader
+fetches a real sample for a padding micro-batch and the rescaler counts it as nothing), so ``valid`` is always
+true there. For loops that hand ``GlobalBatchSampler``'s indices to the dataset directly, index ``-1`` returns
+a placeholder of the same shapes with ``"valid": False``, which example models mask out.
 """
 
 from __future__ import annotations
