@@ -14,6 +14,8 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
+import torch
+
 from lightning_accum.data.price_search import cheapest_run_ends
 from lightning_accum.data.runs import Runs
 
@@ -107,7 +109,13 @@ def fewest_micro_batches(lengths: Sequence[int], max_tokens: int) -> int:
     return count
 
 
-def smallest_budget(lengths: Sequence[int], windows: Sequence[tuple[int, int]]) -> int:
+def _longest_first(lengths: Sequence[int] | torch.Tensor, count: int) -> list[int]:
+    """The ``count`` largest lengths, longest first (a partial sort: the budget checks read no further)."""
+    table = torch.as_tensor(lengths)
+    return torch.topk(table, min(count, len(table))).values.tolist()
+
+
+def smallest_budget(lengths: Sequence[int] | torch.Tensor, windows: Sequence[tuple[int, int]]) -> int:
     """The smallest ``max_tokens`` under which every window of these sample lengths fits its micro-batches.
 
     ``windows`` holds ``(samples, micro-batches)`` pairs. The hardest window of ``samples`` samples holds the
@@ -119,7 +127,7 @@ def smallest_budget(lengths: Sequence[int], windows: Sequence[tuple[int, int]]) 
         >>> smallest_budget([9, 1, 1, 1, 5, 5, 2, 2], windows=[(4, 2)])  # the 4 longest 9, 5, 5, 2: [9], [5, 5, 2]
         15
     """
-    longest_first = sorted(lengths, reverse=True)
+    longest_first = _longest_first(lengths, max(samples for samples, _ in windows))
 
     def fits(budget: int) -> bool:
         return all(fewest_micro_batches(longest_first[:samples], budget) <= slots for samples, slots in windows)
@@ -132,7 +140,7 @@ def smallest_budget(lengths: Sequence[int], windows: Sequence[tuple[int, int]]) 
     return low
 
 
-def require_budget(lengths: Sequence[int], windows: Sequence[tuple[int, int]], max_tokens: int) -> None:
+def require_budget(lengths: Sequence[int] | torch.Tensor, windows: Sequence[tuple[int, int]], max_tokens: int) -> None:
     """Raise a ``ValueError`` naming the smallest budget that fits, unless every window fits within ``max_tokens``.
 
     ``windows`` holds ``(samples, micro-batches)`` pairs, as for ``smallest_budget``.
@@ -148,11 +156,12 @@ def require_budget(lengths: Sequence[int], windows: Sequence[tuple[int, int]], m
     needed = smallest_budget(lengths, windows)
     if max_tokens >= needed:
         return
-    longest = max(range(len(lengths)), key=lengths.__getitem__)
-    if lengths[longest] > max_tokens:
-        problem = f"sample {longest} has {lengths[longest]} tokens, more than max_tokens={max_tokens}"
+    table = torch.as_tensor(lengths)
+    longest = int(table.argmax())  # the first longest sample
+    if int(table[longest]) > max_tokens:
+        problem = f"sample {longest} has {int(table[longest])} tokens, more than max_tokens={max_tokens}"
     else:
-        longest_first = sorted(lengths, reverse=True)
+        longest_first = _longest_first(table, max(samples for samples, _ in windows))
         samples, slots = next(
             (samples, slots)
             for samples, slots in windows
