@@ -4,7 +4,8 @@ With a price ``p / q`` per run, the best grouping of the first ``j`` samples int
 ``V[j] = min over fitting runs [i, j) of V[i] + q * weight(i, j) + p`` (everything times ``q``, to stay in
 integers). Because the weight obeys the quadrangle inequality, a later start that is at least as good as an
 earlier one at some end stays so at every later end; one queue of candidate starts, each owning the ends
-where it is best, finds all ``V`` in ``O(n log w)`` weights for runs of at most ``w`` samples. Groupings of
+where it is best, finds all ``V`` in ``O(n log w)`` weights for runs of at most ``w`` samples (a new start
+wins over an older one at the latest where the older one's runs stop fitting). Groupings of
 equal cost are told apart by their number of runs: the pass reports the fewest (or the most) among the
 cheapest, prefix by prefix.
 """
@@ -70,7 +71,8 @@ def priced_pass(runs: Runs, price: int, scale: int, most: bool) -> PricedPass:
             owns_from.append(end + 1)
             continue
         older = starts[-1]
-        low, high = max(owns_from[-1], end + 1), n + 1  # the newer start loses at low; find where it first wins
+        # The newer start loses at low and wins past the older one's last end: find where it first wins.
+        low, high = max(owns_from[-1], end + 1), min(n, runs.last_end[older]) + 1
         while high - low > 1:
             middle = (low + high) // 2
             low, high = (low, middle) if wins(end, older, middle) else (middle, high)

@@ -27,6 +27,8 @@ class Runs:
         >>> runs = Runs([1, 2, 5, 5], max_samples=None, max_tokens=10)
         >>> runs.first_start  # the earliest start of a run that fits, for every end 0..4
         [0, 0, 0, 1, 2]
+        >>> runs.last_end  # the latest end of a run that fits, for every start 0..4
+        [2, 3, 4, 4, 4]
         >>> runs.padded(1, 4)  # samples 1..3 padded to 5
         15
         >>> runs.weight(2, 4) > runs.weight(3, 4) + runs.weight(2, 3)  # two runs of 5 beat one of 10
@@ -41,6 +43,12 @@ class Runs:
         for end in range(1, n + 1):
             fits = widest if max_tokens is None else min(widest, max_tokens // self.lengths[end - 1])
             self.first_start[end] = max(0, end - fits)
+        self.last_end = [0] * (n + 1)  # the latest end of a run that fits, for every start
+        end = 0
+        for start in range(n + 1):
+            while end < n and self.first_start[end + 1] <= start:
+                end += 1
+            self.last_end[start] = end
         longest = self.lengths[-1] if n else 0
         # The start term ranges over less than n * n + 1, the weighted squares over less than the padding's weight.
         self.square_weight = n * n + 1
