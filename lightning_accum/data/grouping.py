@@ -31,7 +31,8 @@ def length_groups(
     sizes wins (the most even), then the one whose runs end latest: splitting a run never adds padding, so a
     group is empty only when there are fewer samples than groups. A search over a price per run
     (``price_search``) finds it with a handful of passes of ``O(n log w)`` for ``n`` samples and runs of at
-    most ``w``, in memory ``O(n)``; a full window under ``max_samples`` alone is its runs of ``max_samples``.
+    most ``w``, in memory ``O(n)``; a full window under ``max_samples`` alone is its sorted runs of
+    ``max_samples`` (no other grouping fits).
 
     Raises ``ValueError`` when no grouping fits the limits.
 
@@ -45,6 +46,8 @@ def length_groups(
         [[0], []]
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    if max_tokens is None and max_samples is not None and len(order) == num_groups * max_samples:
+        return [order[start : start + max_samples] for start in range(0, len(order), max_samples)]  # the only one
     try:
         ends = cheapest_run_ends(Runs([lengths[p] for p in order], max_samples, max_tokens), num_groups)
     except ValueError:

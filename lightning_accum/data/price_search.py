@@ -36,9 +36,6 @@ def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
         raise ValueError(f"no grouping of {n} samples into {num_groups} runs fits the limits")
     if num_groups >= n:
         return list(range(1, n + 1)) + [n] * (num_groups - n)
-    widest = n - runs.first_start[n]
-    if n == num_groups * widest and runs.first_start == [max(0, end - widest) for end in range(n + 1)]:
-        return list(range(widest, n + 1, widest))  # runs of exactly the widest fit: the only grouping
     price, scale = runs.bound(), 1
     low = priced_pass(runs, price, scale, most=False)
     fewest, few_cost = low.counts[n], low.values[n] - price * low.counts[n]

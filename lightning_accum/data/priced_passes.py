@@ -44,14 +44,20 @@ def priced_pass(runs: Runs, price: int, scale: int, most: bool) -> PricedPass:
     heavy, square, per_start = heavy * (n + 1), square * (n + 1), scale * (n + 1)
     values = [0] * (n + 1)
     counts = [0] * (n + 1)
-
-    def cost(start: int, end: int) -> int:
-        padded = lengths[end - 1] * (end - start)
-        return values[start] + (heavy + square * padded) * padded - per_start * start
+    last_end = runs.last_end
 
     def wins(newer: int, older: int, end: int) -> bool:
-        """Whether the start ``newer`` is at least as good as ``older`` for the run ending at ``end``."""
-        return older < first_start[end] or cost(newer, end) <= cost(older, end)
+        """Whether the start ``newer`` is at least as good as ``older`` for the run ending at ``end``.
+
+        The difference of the two costs, with ``p = length * (end - start)`` and ``d = newer - older``:
+        ``values[older] - values[newer] + per_start * d + length * d * (heavy + square * length * (2 end - older
+        - newer))``, which grows with ``end``.
+        """
+        if older < first_start[end]:
+            return True
+        length, gap = lengths[end - 1], newer - older
+        gain = length * gap * (heavy + square * length * (2 * end - older - newer))
+        return values[older] - values[newer] + per_start * gap + gain >= 0
 
     starts, owns_from = [0], [1]  # candidate starts, and the first end each is best for
     head = 0
@@ -59,7 +65,8 @@ def priced_pass(runs: Runs, price: int, scale: int, most: bool) -> PricedPass:
         while head + 1 < len(starts) and owns_from[head + 1] <= end:
             head += 1
         start = starts[head]
-        values[end] = cost(start, end) + per_run
+        padded = lengths[end - 1] * (end - start)
+        values[end] = values[start] + (heavy + square * padded) * padded - per_start * start + per_run
         counts[end] = counts[start] + 1
         if end == n:
             break
@@ -72,7 +79,7 @@ def priced_pass(runs: Runs, price: int, scale: int, most: bool) -> PricedPass:
             continue
         older = starts[-1]
         # The newer start loses at low and wins past the older one's last end: find where it first wins.
-        low, high = max(owns_from[-1], end + 1), min(n, runs.last_end[older]) + 1
+        low, high = max(owns_from[-1], end + 1), min(n, last_end[older]) + 1
         while high - low > 1:
             middle = (low + high) // 2
             low, high = (low, middle) if wins(end, older, middle) else (middle, high)
