@@ -1,26 +1,28 @@
 """What the data path costs at cluster sizes: ``GlobalBatchSampler`` per window, at the first batch, in memory.
 
-For plain, length-grouped (``lengths``) and token-budget (``max_tokens = 4096 * B``: 32,768 at B = 8, 16,384 at
-B = 4, the longest sample times B) windows at R = 8, 64 and 512
-ranks (K x B = 4 x 8, 8 x 4 and 8 x 4: windows of 256, 2,048 and 16,384 samples) and datasets of 1e5 to 1e8
-samples, it prints the milliseconds per window (one rank's micro-batches of one optimizer step), the latency of
-the first batch (building the sampler from a NumPy array of lengths, drawing the epoch's order, cutting the first
-window) and the peak extra memory, for the sampler as it is ("new") and as it was ("old": the epoch's order as a
-Python list of ``randperm``, lengths checked one by one, the budget check sorting every length, and the layered
-dynamic programme and rank scan of ``scripts/grouping_reference.py``). An old configuration whose programme
-would take longer than ``--old-cap`` seconds or more than ``--old-memory`` GiB per window is skipped with a note.
+For plain, length-grouped (``lengths``) and token-budget (``max_tokens = 4096 * B``, the longest sample times
+B: 32,768 at B = 8, 16,384 at B = 4) windows at R = 8, 64 and 512 ranks (K x B = 4 x 8, 8 x 4 and 8 x 4:
+windows of 256, 2,048 and 16,384 samples) and datasets of 1e5 to 1e8 samples, it prints the milliseconds per
+window (one rank's micro-batches of one optimizer step), the latency of the first batch (building the sampler
+from a NumPy array of lengths, drawing the epoch's order, cutting the first window) and the peak extra memory,
+for the sampler as it is ("new") and as it was ("old": the epoch's order as a Python list of ``randperm``,
+lengths checked one by one, the budget check sorting every length, and the layered dynamic programme and rank
+scan of ``scripts/grouping_reference.py``). An old configuration whose programme would take longer than
+``--old-cap`` seconds or more than ``--old-memory`` GiB per window is skipped with a note.
 Then it measures the grouping with both cores busy with other work (two processes each multiplying matrices on
 one thread), and the share of a training step spent in the sampler, with ``num_workers=0`` and ``2``, at 64
 ranks' window sizes (a step of K micro-batches whose model time is ``--step`` seconds, spent waiting as on a
 GPU). It prints figures and never judges them.
 
-    python scripts/benchmark_sampler.py                                  # everything (an hour or more on 2 cores)
+    python scripts/benchmark_sampler.py                                  # everything (half an hour on 2 busy cores)
     python scripts/benchmark_sampler.py --plot docs/sampler-scaling.png  # and draw how costs grow (log-log)
     python scripts/benchmark_sampler.py --quick                          # small sizes: a smoke check (minutes)
 
 Each dataset size runs in a fresh process per implementation, so its high-water resident set belongs to it;
 peak memory is the highest resident set size sampled every 2 ms while a configuration runs, less the resident
-set size before it. Lengths are ``exp(N(log 300, 0.9))`` rounded into ``[8, 4096]``.
+set size before it; from ``DRAW_AHEAD_FROM`` samples the new sampler's background draw goes on after the timed
+windows, so its memory shows only in part (docs/evidence/benchmarks.md measures it to the end). Lengths are
+``exp(N(log 300, 0.9))`` rounded into ``[8, 4096]``.
 """
 
 from __future__ import annotations
