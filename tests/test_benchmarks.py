@@ -47,3 +47,30 @@ def test_quick_benchmark_prints_every_row(tmp_path: Path) -> None:
         assert re.fullmatch(rf"{re.escape(config)}\s+{mode}\s+" + r"\s+".join(cells), row), row
     for start in FOOTER:
         assert any(line.startswith(start) for line in lines), start
+
+
+@pytest.mark.slow
+def test_quick_sampler_benchmark_prints_every_row(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    script = ROOT / "scripts" / "benchmark_sampler.py"
+    plot = tmp_path / "scaling.png"
+    done = subprocess.run(
+        [sys.executable, str(script), "--quick", "--plot", str(plot)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("machine: ") and "cores; Python" in lines[0]
+    value = r"(?:-?\d+(?:\.\d+)?|-)"
+    for mode in ("plain", "grouped", "max_tokens"):
+        for ranks in (8, 64):  # new and old: ms per window, first batch, peak MiB
+            row = rf"{mode}\s+{ranks}\s+1e\+05" + rf"\s+{value}" * 6
+            assert any(re.fullmatch(row, line) for line in lines), (mode, ranks)
+        for workers in (0, 2):
+            assert any(re.fullmatch(rf"{mode}\s+{workers}\s+{NUMBER}", line) for line in lines), (mode, workers)
+    assert any(line.startswith("load average at end") for line in lines)
+    assert plot.stat().st_size > 0

@@ -4,17 +4,20 @@ A micro-batch of samples padded to its longest costs ``longest * samples`` padde
 weighting the update depends only on the window's set of samples, so ``GlobalBatchSampler(lengths=...)`` may
 regroup each window freely. Grouping the length-sorted window into consecutive runs loses nothing: for any
 grouping, refilling the same group sizes from the longest samples down gives no group a longer longest
-sample. ``length_groups`` finds the runs with the least padding by dynamic programming, ties going to the most
-even groups, and ``assign_groups`` deals them to the ranks with balanced padded tokens.
+sample. ``length_groups`` finds the runs with the least padding, ties going to the most even groups, by a
+search over a price per run (``runs``, ``priced_passes``, ``price_search``), and ``assign_groups`` deals them to
+the ranks with balanced padded tokens.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 
 import torch
 
-_INFEASIBLE = 2**62
+from lightning_accum.data.price_search import cheapest_run_ends
+from lightning_accum.data.runs import Runs
 
 
 def length_groups(
@@ -25,9 +28,11 @@ def length_groups(
     A group holds at most ``max_samples`` samples and at most ``max_tokens`` padded tokens (its longest length
     times its samples); ``None`` means no limit. Groups are runs of the length-sorted positions, shortest
     first; among the groupings with the fewest padded tokens the one with the smallest sum of squared padded
-    sizes wins (the most even): splitting a run never adds padding, so a group is empty only when there are
-    fewer samples than groups. Time and memory ``O(num_groups * n * w)`` for ``n`` samples and runs of at
-    most ``w`` samples (``max_samples``, or ``max_tokens`` over the shortest length).
+    sizes wins (the most even), then the one whose runs end latest: splitting a run never adds padding, so a
+    group is empty only when there are fewer samples than groups. A search over a price per run
+    (``price_search``) finds it with a handful of passes of ``O(n log w)`` for ``n`` samples and runs of at
+    most ``w``, in memory ``O(n)``; a full window under ``max_samples`` alone is its sorted runs of
+    ``max_samples`` (no other grouping fits).
 
     Raises ``ValueError`` when no grouping fits the limits.
 
@@ -40,41 +45,18 @@ def length_groups(
         >>> length_groups([3], num_groups=2)
         [[0], []]
     """
-    order = sorted(range(len(lengths)), key=lambda position: lengths[position])
-    n = len(order)
-    longest = torch.tensor([0] + [lengths[p] for p in order], dtype=torch.int64)  # [end]: longest of a run ending there
-    widest = n if max_samples is None else min(n, max_samples)
-    if max_tokens is not None and n:
-        widest = min(widest, max_tokens // max(1, min(lengths)))
-    ends = torch.arange(n + 1)[:, None]
-    sizes = torch.arange(widest + 1)[None, :]  # candidate run [end - size, end) for every end
-    starts = (ends - sizes).clamp(min=0)
-    padded = longest[:, None] * sizes
-    feasible = ends >= sizes
-    if max_tokens is not None:
-        feasible &= padded <= max_tokens
-    tokens = torch.full((n + 1,), _INFEASIBLE, dtype=torch.int64)
-    tokens[0] = 0
-    evenness = torch.zeros(n + 1, dtype=torch.int64)
-    chosen = []
-    for _ in range(num_groups):
-        total = torch.where(feasible, tokens[starts] + padded, _INFEASIBLE)
-        best = total.min(dim=1, keepdim=True).values
-        tie_break = torch.where(total == best, evenness[starts] + padded * padded, _INFEASIBLE)
-        size = tie_break.argmin(dim=1, keepdim=True)  # the first minimal size: ties are decided deterministically
-        tokens, evenness = best[:, 0], tie_break.gather(1, size)[:, 0]
-        chosen.append(size[:, 0])
-    if tokens[n] >= _INFEASIBLE:
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    if max_tokens is None and max_samples is not None and len(order) == num_groups * max_samples:
+        return [order[start : start + max_samples] for start in range(0, len(order), max_samples)]  # the only one
+    try:
+        ends = cheapest_run_ends(Runs([lengths[p] for p in order], max_samples, max_tokens), num_groups)
+    except ValueError:
         raise ValueError(
-            f"no grouping of {n} samples into {num_groups} micro-batches respects max_samples={max_samples} "
+            f"no grouping of {len(order)} samples into {num_groups} micro-batches respects max_samples={max_samples} "
             f"and max_tokens={max_tokens}."
-        )
-    groups, end = [], n
-    for size in reversed(chosen):
-        begin = end - int(size[end])
-        groups.append(order[begin:end])
-        end = begin
-    return groups[::-1]
+        ) from None
+    starts = [0, *ends[:-1]]
+    return [order[start:end] for start, end in zip(starts, ends, strict=True)]
 
 
 def padded_tokens(lengths: Sequence[int]) -> int:
@@ -92,8 +74,8 @@ def assign_groups(costs: Sequence[int], num_replicas: int) -> list[list[int]]:
     """Deal ``len(costs)`` groups to ``num_replicas`` ranks, the same number each, balancing the summed cost.
 
     Largest cost first, each group goes to the least loaded rank that still has room (the lowest rank on
-    a tie). Returns each rank's group positions in the order it runs them. ``len(costs)`` must be a
-    multiple of ``num_replicas``.
+    a tie: a heap of the ranks with room, ``O(groups log ranks)``). Returns each rank's group positions in the
+    order it runs them. ``len(costs)`` must be a multiple of ``num_replicas``.
 
     Example::
 
@@ -102,11 +84,12 @@ def assign_groups(costs: Sequence[int], num_replicas: int) -> list[list[int]]:
     """
     per_rank = len(costs) // num_replicas
     ranks: list[list[int]] = [[] for _ in range(num_replicas)]
-    loads = [0] * num_replicas
+    with_room = [(0, rank) for rank in range(num_replicas)]  # (load, rank): a heap as it stands
     for group in sorted(range(len(costs)), key=lambda g: (-costs[g], g)):
-        rank = min((r for r in range(num_replicas) if len(ranks[r]) < per_rank), key=lambda r: (loads[r], r))
+        load, rank = heapq.heappop(with_room)
         ranks[rank].append(group)
-        loads[rank] += costs[group]
+        if len(ranks[rank]) < per_rank:
+            heapq.heappush(with_room, (load + costs[group], rank))
     return ranks
 
 
@@ -121,15 +104,21 @@ def fewest_micro_batches(lengths: Sequence[int], max_tokens: int) -> int:
         >>> fewest_micro_batches([9, 1, 1, 1, 5, 5], max_tokens=10)  # [9], [5, 5], [1, 1, 1]
         3
     """
-    remaining = sorted(lengths, reverse=True)
-    count = 0
-    while remaining:
-        remaining = remaining[max_tokens // remaining[0] :]
+    longest_first = sorted(lengths, reverse=True)
+    count = position = 0
+    while position < len(longest_first):
+        position += max_tokens // longest_first[position]
         count += 1
     return count
 
 
-def smallest_budget(lengths: Sequence[int], windows: Sequence[tuple[int, int]]) -> int:
+def _longest_first(lengths: Sequence[int] | torch.Tensor, count: int) -> list[int]:
+    """The ``count`` largest lengths, longest first (a partial sort: the budget checks read no further)."""
+    table = torch.as_tensor(lengths)
+    return torch.topk(table, min(count, len(table))).values.tolist()
+
+
+def smallest_budget(lengths: Sequence[int] | torch.Tensor, windows: Sequence[tuple[int, int]]) -> int:
     """The smallest ``max_tokens`` under which every window of these sample lengths fits its micro-batches.
 
     ``windows`` holds ``(samples, micro-batches)`` pairs. The hardest window of ``samples`` samples holds the
@@ -141,7 +130,7 @@ def smallest_budget(lengths: Sequence[int], windows: Sequence[tuple[int, int]]) 
         >>> smallest_budget([9, 1, 1, 1, 5, 5, 2, 2], windows=[(4, 2)])  # the 4 longest 9, 5, 5, 2: [9], [5, 5, 2]
         15
     """
-    longest_first = sorted(lengths, reverse=True)
+    longest_first = _longest_first(lengths, max(samples for samples, _ in windows))
 
     def fits(budget: int) -> bool:
         return all(fewest_micro_batches(longest_first[:samples], budget) <= slots for samples, slots in windows)
@@ -154,7 +143,7 @@ def smallest_budget(lengths: Sequence[int], windows: Sequence[tuple[int, int]]) 
     return low
 
 
-def require_budget(lengths: Sequence[int], windows: Sequence[tuple[int, int]], max_tokens: int) -> None:
+def require_budget(lengths: Sequence[int] | torch.Tensor, windows: Sequence[tuple[int, int]], max_tokens: int) -> None:
     """Raise a ``ValueError`` naming the smallest budget that fits, unless every window fits within ``max_tokens``.
 
     ``windows`` holds ``(samples, micro-batches)`` pairs, as for ``smallest_budget``.
@@ -170,11 +159,12 @@ def require_budget(lengths: Sequence[int], windows: Sequence[tuple[int, int]], m
     needed = smallest_budget(lengths, windows)
     if max_tokens >= needed:
         return
-    longest = max(range(len(lengths)), key=lengths.__getitem__)
-    if lengths[longest] > max_tokens:
-        problem = f"sample {longest} has {lengths[longest]} tokens, more than max_tokens={max_tokens}"
+    table = torch.as_tensor(lengths)
+    longest = int(table.argmax())  # the first longest sample
+    if int(table[longest]) > max_tokens:
+        problem = f"sample {longest} has {int(table[longest])} tokens, more than max_tokens={max_tokens}"
     else:
-        longest_first = sorted(lengths, reverse=True)
+        longest_first = _longest_first(table, max(samples for samples, _ in windows))
         samples, slots = next(
             (samples, slots)
             for samples, slots in windows

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import operator
 import zlib
-from array import array
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -27,7 +26,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from lightning_accum.data import permutation
 from lightning_accum.data.grouping import assign_groups, length_groups, padded_tokens, require_budget
+from lightning_accum.data.permutation import BackgroundDraw, EpochOrder
 
 PAD_INDEX = -1
 """The index of a padding micro-batch ``[PAD_INDEX]``: ``GlobalBatchLoader`` fetches a real sample in its place and
@@ -76,7 +77,7 @@ def window_micro_batches(window: list[int], num_replicas: int, rank: int, micro_
 
 def grouped_micro_batches(
     window: list[int],
-    lengths: Sequence[int],
+    lengths: Sequence[int] | torch.Tensor,
     num_replicas: int,
     rank: int,
     micro_batch_size: int,
@@ -99,7 +100,10 @@ def grouped_micro_batches(
         >>> grouped_micro_batches([0, 1, 2, 3, 4, 5, 6, 7], lengths, 1, 0, 4, max_tokens=93)  # 3 * 31 + 5 * 7
         [[2, 0, 5], [4, 1, 7, 3, 6]]
     """
-    window_lengths = [lengths[i] for i in window]
+    if isinstance(lengths, torch.Tensor):
+        window_lengths = lengths[torch.as_tensor(window)].tolist()
+    else:
+        window_lengths = [lengths[i] for i in window]
     groups = length_groups(
         window_lengths,
         _slots(len(window), num_replicas, micro_batch_size),
@@ -110,13 +114,27 @@ def grouped_micro_batches(
     return [[window[p] for p in groups[g]] or [PAD_INDEX] for g in assign_groups(costs, num_replicas)[rank]]
 
 
-def _lengths(lengths: Sequence[int] | Callable[[int], int], dataset_size: int) -> list[int]:
-    """Every sample's length as a list of positive ints (a callable is asked once per index)."""
-    values = [lengths(i) for i in range(dataset_size)] if callable(lengths) else list(lengths)
+def _lengths(lengths: Sequence[int] | torch.Tensor | Callable[[int], int], dataset_size: int) -> torch.Tensor:
+    """Every sample's length as a 1-d ``int64`` tensor of positive ints (a callable is asked once per index).
+
+    A tensor or NumPy array is checked and converted whole; other sequences element by element.
+    """
+    if callable(lengths):
+        lengths = [lengths(i) for i in range(dataset_size)]
+    array_like = isinstance(lengths, torch.Tensor) or hasattr(lengths, "__array__")
+    values = torch.as_tensor(lengths) if array_like else list(lengths)
     if len(values) != dataset_size:
         raise ValueError(
             f"`lengths` must give one length per sample: got {len(values)} for dataset_size={dataset_size}."
         )
+    if array_like:
+        if values.dim() != 1 or values.dtype == torch.bool or values.is_floating_point() or values.is_complex():
+            raise ValueError(f"`lengths` must be a 1-d array of positive ints, got {values.dtype} of {values.dim()}-d.")
+        short = (values < 1).nonzero()
+        if len(short):
+            index = int(short[0, 0])
+            raise ValueError(f"`lengths` must be positive ints, got {values[index].item()!r} for sample {index}.")
+        return values.to(torch.int64)
     for index, value in enumerate(values):
         try:
             values[index] = operator.index(value)
@@ -124,14 +142,16 @@ def _lengths(lengths: Sequence[int] | Callable[[int], int], dataset_size: int) -
             values[index] = 0
         if isinstance(value, bool) or values[index] < 1:
             raise ValueError(f"`lengths` must be positive ints, got {value!r} for sample {index}.")
-    return values
+    return torch.tensor(values, dtype=torch.int64)
 
 
 class EpochPermutation(Sampler[int]):
     """The epoch's global order of all ``dataset_size`` indices, the same on every rank and for every split.
 
     ``GlobalBatchSampler`` keeps one as its ``sampler`` attribute, where Lightning calls ``set_epoch``
-    at each epoch start (``batch_sampler.sampler.set_epoch``).
+    at each epoch start (``batch_sampler.sampler.set_epoch``). The order is ``torch.randperm`` seeded by
+    ``seed + epoch``, held as an ``int32`` tensor and read a window at a time (``order``); from
+    ``permutation.DRAW_AHEAD_FROM`` samples it is drawn on a background thread, the next epoch's ahead.
 
     Example::
 
@@ -152,6 +172,7 @@ class EpochPermutation(Sampler[int]):
         self.shuffle = bool(shuffle)
         self.seed = seed
         self.epoch = 0
+        self._ahead: BackgroundDraw | None = None  # the next epoch's permutation, drawn ahead for large datasets
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose permutation ``__iter__`` yields (seeded by ``seed + epoch``)."""
@@ -159,12 +180,27 @@ class EpochPermutation(Sampler[int]):
             raise ValueError(f"`epoch` must be a non-negative int, got {epoch!r}.")
         self.epoch = epoch
 
+    def order(self) -> EpochOrder:
+        """The epoch's order, read a window at a time with ``take(start, stop)``."""
+        n = self.dataset_size
+        if not self.shuffle:
+            return EpochOrder(n, None)
+        seed = self.seed + self.epoch
+        if n < permutation.DRAW_AHEAD_FROM:
+            return EpochOrder(n, seed)
+        draw = self._ahead if self._ahead is not None and self._ahead.seed == seed else BackgroundDraw(n, seed)
+        self._ahead = None
+        return EpochOrder(n, seed, draw, on_ready=lambda: self._draw_ahead(seed + 1))
+
+    def _draw_ahead(self, seed: int) -> None:
+        self._ahead = BackgroundDraw(self.dataset_size, seed)
+
     def indices(self) -> list[int]:
         """Return the epoch's order as a list."""
-        if not self.shuffle:
-            return list(range(self.dataset_size))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(self.dataset_size, generator=generator).tolist()
+        return self.order().take(0, self.dataset_size)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_ahead": None}  # a thread does not pickle; the copy draws its own
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices())
@@ -207,8 +243,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
         shuffle: shuffle the global order every epoch (seeded by ``seed + epoch``).
         seed: the shuffling seed; must be the same on every rank.
         drop_last: drop the last window when it holds fewer than ``E`` samples.
-        lengths: each sample's padded length (e.g. its token count), a sequence or ``index -> length``
-            (called once per index here); groups each window's micro-batches by length.
+        lengths: each sample's padded length (e.g. its token count): a tensor or NumPy array (taken whole,
+            without a loop over samples), a sequence, or ``index -> length`` (called once per index here);
+            groups each window's micro-batches by length.
         max_tokens: with ``lengths``, the most padded tokens in one micro-batch instead of the most samples
             (``micro_batch_size`` then only sets ``E``).
 
@@ -277,7 +314,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         # What cuts the windows, as layout() reports it: None, or a checksum of the lengths and max_tokens.
         self._grouping: dict[str, int | None] | None = None
         if self.lengths is not None:
-            checksum = zlib.crc32(array("q", self.lengths).tobytes())
+            checksum = zlib.crc32(self.lengths.numpy())  # of the int64 lengths, as earlier versions computed it
             self._grouping = {"lengths_crc32": checksum, "max_tokens": self.max_tokens}
         self._resume: tuple[int, int] | None = None  # (epoch, micro-batch) where that epoch's next iteration starts
 
@@ -352,18 +389,18 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return self._micro_batches_per_epoch(self.num_replicas, self.accumulate_grad_batches, self.micro_batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = self.sampler.indices()
+        order = self.sampler.order()
         size = self.effective_batch_size
         full, rest = self._windows()
         start, self._resume = self.start, None
         position = 0
         for step in range(full + (rest > 0)):
-            window = order[step * size : (step + 1) * size]
-            per_rank = _slots(len(window), self.num_replicas, self.micro_batch_size) // self.num_replicas
-            if position + per_rank <= start:  # resumed past this window: skip without cutting it
+            samples = size if step < full else rest
+            per_rank = _slots(samples, self.num_replicas, self.micro_batch_size) // self.num_replicas
+            if position + per_rank <= start:  # resumed past this window: skip without drawing or cutting it
                 position += per_rank
                 continue
-            for batch in self._micro_batches(window):
+            for batch in self._micro_batches(order.take(step * size, step * size + samples)):
                 if position >= start:
                     yield batch
                 position += 1

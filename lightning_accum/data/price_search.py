@@ -1,0 +1,73 @@
+"""The cheapest grouping of a window into exactly ``G`` runs, by a search over a price per run.
+
+The cheapest cost ``f(k)`` of ``k`` runs is convex in ``k`` because the run weight obeys the quadrangle
+inequality. So for some price ``p / q`` per run the cheapest groupings at that price (``priced_pass``) include
+one of exactly ``G`` runs, and every grouping of ``G`` runs that is cheapest at that price costs ``f(G)``. The
+search starts from the fewest runs that fit and from one run per sample and prices each step at the slope
+between the two closest counts found on either side of ``G`` (never more steps than the corners of ``f``
+between them, in practice a handful). At the final price, the fewest and the most runs of every prefix's
+cheapest groupings bound the counts it can have, and the grouping is read back from the last run: the
+weight's last key (the latest boundaries) makes it the one the layered dynamic programme chose.
+"""
+
+from __future__ import annotations
+
+from lightning_accum.data.priced_passes import PricedPass, priced_pass
+from lightning_accum.data.runs import Runs
+
+
+def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
+    """The ends of the ``num_groups`` runs of the cheapest grouping (by ``Runs.weight``), in ascending order.
+
+    Fewer samples than groups gives one run per sample and empty runs at the end. Raises ``ValueError`` when
+    no grouping into ``num_groups`` runs fits the limits.
+
+    Example::
+
+        >>> cheapest_run_ends(Runs([1, 1, 2, 5, 5, 9], max_samples=2, max_tokens=None), 3)
+        [2, 4, 6]
+        >>> cheapest_run_ends(Runs([1, 1, 2, 5, 5, 9], max_samples=None, max_tokens=10), 3)
+        [3, 5, 6]
+        >>> cheapest_run_ends(Runs([3], max_samples=None, max_tokens=None), 2)
+        [1, 1]
+    """
+    n = runs.size
+    if any(runs.first_start[end] == end for end in range(1, n + 1)):
+        raise ValueError(f"no grouping of {n} samples into {num_groups} runs fits the limits")
+    if num_groups >= n:
+        return list(range(1, n + 1)) + [n] * (num_groups - n)
+    price, scale = runs.bound(), 1
+    low = priced_pass(runs, price, scale, most=False)
+    fewest, few_cost = low.counts[n], low.values[n] - price * low.counts[n]
+    if num_groups < fewest:
+        raise ValueError(f"no grouping of {n} samples into {num_groups} runs fits the limits")
+    many, many_cost = n, sum(runs.weight(end - 1, end) for end in range(1, n + 1))
+    while num_groups != fewest:
+        price, scale = few_cost - many_cost, many - fewest  # the slope between the counts on either side
+        low = priced_pass(runs, price, scale, most=False)
+        if low.values[n] == scale * few_cost + price * fewest:  # both sides are cheapest at this price
+            break
+        if low.counts[n] > num_groups:
+            many, many_cost = low.counts[n], (low.values[n] - price * low.counts[n]) // scale
+            continue
+        high = priced_pass(runs, price, scale, most=True)
+        if high.counts[n] >= num_groups:
+            return _read_back(runs, num_groups, price, scale, low, high)
+        fewest, few_cost = high.counts[n], (high.values[n] - price * high.counts[n]) // scale
+    high = priced_pass(runs, price, scale, most=True)
+    return _read_back(runs, num_groups, price, scale, low, high)
+
+
+def _read_back(runs: Runs, num_groups: int, price: int, scale: int, low: PricedPass, high: PricedPass) -> list[int]:
+    """Follow the cheapest runs back from the window's end, keeping a count of runs each prefix can have."""
+    values, ends, end = low.values, [runs.size], runs.size
+    for left in range(num_groups - 1, 0, -1):
+        start = end - 1
+        while not (
+            low.counts[start] <= left <= high.counts[start]
+            and values[start] + scale * runs.weight(start, end) + price == values[end]
+        ):
+            start -= 1
+        ends.append(start)
+        end = start
+    return ends[::-1]

@@ -1,0 +1,69 @@
+"""The price search groups every window exactly as the layered dynamic programme it replaced.
+
+The oracle is ``scripts/grouping_reference.py`` (the programme and the rank scan as they were): the same groups,
+element for element, on random windows (many equal lengths, limits that bind or not, fewer samples than
+groups, windows that do not fit) and on windows cut from a dataset as the sampler cuts them.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from grouping_reference import reference_assign_groups, reference_length_groups
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_accum.data.grouping import assign_groups, length_groups, padded_tokens
+
+
+def both(lengths: list[int], groups: int, max_samples: int | None, max_tokens: int | None) -> tuple:
+    """The library's and the oracle's grouping, or the error each raises."""
+    results = []
+    for grouping in (length_groups, reference_length_groups):
+        try:
+            results.append(grouping(lengths, groups, max_samples=max_samples, max_tokens=max_tokens))
+        except ValueError:
+            results.append("no grouping fits")
+    return tuple(results)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    lengths=st.lists(st.one_of(st.integers(1, 4), st.integers(1, 40)), max_size=28),
+    groups=st.integers(1, 12),
+    max_samples=st.one_of(st.none(), st.integers(1, 6)),
+    max_tokens=st.one_of(st.none(), st.integers(1, 90)),
+)
+def test_the_same_groups_as_the_dynamic_programme(lengths, groups, max_samples, max_tokens) -> None:
+    ours, oracle = both(lengths, groups, max_samples, max_tokens)
+    assert ours == oracle
+
+
+@settings(max_examples=200, deadline=None)
+@given(costs=st.lists(st.integers(0, 30), max_size=24), ranks=st.integers(1, 6))
+def test_the_same_ranks_as_the_scan(costs: list[int], ranks: int) -> None:
+    costs = costs[: len(costs) // ranks * ranks]
+    assert assign_groups(costs, ranks) == reference_assign_groups(costs, ranks)
+
+
+@pytest.mark.slow
+def test_realistic_windows_match_the_dynamic_programme() -> None:
+    """1,000 windows of a many-short, few-long dataset, full and partial, with and without a token budget."""
+    rng = random.Random(16)
+    gen = torch.Generator().manual_seed(16)
+    dataset = torch.exp(torch.randn(20_000, generator=gen) * 0.9 + math.log(40)).round().clamp(2, 400).long().tolist()
+    mismatches = 0
+    for _ in range(1000):
+        r, k, b = rng.randint(1, 8), rng.randint(1, 4), rng.randint(1, 6)
+        size = r * k * b if rng.random() < 0.7 else rng.randint(1, r * k * b)
+        window = rng.sample(dataset, size)
+        groups = r * math.ceil(size / (r * b))
+        budget = rng.choice([None, max(window) * rng.randint(1, b), 400 * b])
+        ours, oracle = both(window, groups, b if budget is None else None, budget)
+        mismatches += ours != oracle
+        if ours != "no grouping fits":
+            assert sum(padded_tokens([window[p] for p in group]) for group in ours) >= sum(window)
+    assert mismatches == 0
