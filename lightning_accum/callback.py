@@ -14,6 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_accum.counting import item_mean, masked_sum_and_count
 from lightning_accum.data.checks import require_window_split, warn_about_train_data
+from lightning_accum.data.loader import continue_loop_counters
 from lightning_accum.engines import ENGINES
 from lightning_accum.lightning_internals import batch_token, resumed_mid_epoch, upcoming_batches, window_ends_epoch
 from lightning_accum.logged import WindowLogger
@@ -113,6 +114,7 @@ class SampleCountRescaler(Callback):
             trainer.optimizers[0], lambda: self._engine.stepped_unfinished() and self._hooks_active()
         )
         warn_about_train_data(trainer.train_dataloader, resumed_mid_epoch(trainer))
+        continue_loop_counters(trainer)  # a GlobalBatchLoader resumed under another split
         if self._restored_window is not None:
             window, self._restored_window = self._restored_window, None
             restore_partial_window(window, trainer, self._engine, self._params())

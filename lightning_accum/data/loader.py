@@ -16,7 +16,9 @@ from typing import Any
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_accum.data.sampler import GlobalBatchSampler
-from lightning_accum.lightning_internals import require_stateful_loader_support
+from lightning_accum.lightning_internals import require_stateful_loader_support, shift_batch_counters
+
+SPLIT_KEYS = ("num_replicas", "accumulate_grad_batches", "micro_batch_size")
 
 
 class GlobalBatchLoader(DataLoader):
@@ -55,9 +57,17 @@ class GlobalBatchLoader(DataLoader):
             )
         super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
         self._position: tuple[int, int] | None = None  # (epoch, micro-batches delivered) of the last iteration
+        self._split_change: tuple[int, int] | None = None  # (saved, resumed) micro-batches until counters follow
         require_stateful_loader_support(self)
 
     def __iter__(self) -> Iterator[Any]:
+        if self._split_change is not None:
+            raise RuntimeError(
+                "This GlobalBatchLoader resumed a checkpoint of another split, but Lightning's batch counters still "
+                "count the saved split's micro-batches: SampleCountRescaler shifts them at train start. Add "
+                "SampleCountRescaler() to the Trainer's callbacks, or resume with the saved num_replicas, "
+                "accumulate_grad_batches and micro_batch_size."
+            )
         sampler = self.batch_sampler
         epoch, delivered = sampler.epoch, sampler.start  # read before workers pull indices, which clears start
         self._position = (epoch, delivered)
@@ -80,17 +90,38 @@ class GlobalBatchLoader(DataLoader):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the sampler at the saved position (see ``GlobalBatchSampler.resume``).
 
-        The split (``num_replicas``, ``accumulate_grad_batches``, ``micro_batch_size``) must be the saved one:
-        Lightning restores its own batch counters in micro-batches of the saved split.
+        The split (``num_replicas``, ``accumulate_grad_batches``, ``micro_batch_size``) may differ from the saved
+        one when the effective batch is the same and the checkpoint lies at an optimizer-step boundary (or an
+        epoch's end). Lightning restores its batch counters in micro-batches of the saved split: the resumed fit's
+        ``SampleCountRescaler`` shifts them to this split's at train start (``continue_loop_counters``), and the
+        loader refuses to iterate until then.
         """
         sampler = self.batch_sampler
-        saved = tuple(state_dict[key] for key in ("num_replicas", "accumulate_grad_batches", "micro_batch_size"))
-        ours = (sampler.num_replicas, sampler.accumulate_grad_batches, sampler.micro_batch_size)
-        if saved != ours:
-            raise ValueError(
-                "Cannot resume with another split: the checkpoint has (num_replicas, accumulate_grad_batches, "
-                f"micro_batch_size) = {saved}, this loader {ours}, and Lightning counts the batches of the resumed "
-                f"run in the saved split. Resume with {saved}."
-            )
         sampler.resume(state_dict["epoch"], state_dict["micro_batches"], state_dict)
         self._position = None
+        saved = tuple(state_dict[key] for key in SPLIT_KEYS)
+        if saved != tuple(getattr(sampler, key) for key in SPLIT_KEYS):
+            self._split_change = (state_dict["micro_batches"], sampler.start)
+
+    def continue_loop_counters(self, trainer: Any) -> None:
+        """Shift ``trainer``'s micro-batch counters of the resumed epoch to this loader's split (once, if resumed
+        under another split); ``SampleCountRescaler`` calls it at train start."""
+        if self._split_change is not None:
+            shift_batch_counters(trainer, *self._split_change)
+            self._split_change = None
+
+
+def continue_loop_counters(trainer: Any) -> None:
+    """At train start: shift Lightning's micro-batch counters for a ``GlobalBatchLoader`` resumed under another split.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> continue_loop_counters(pl.Trainer(logger=False, enable_checkpointing=False))  # no train loader: nothing
+    """
+    loaders = trainer.train_dataloader
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
+        if isinstance(loader, GlobalBatchLoader):
+            loader.continue_loop_counters(trainer)
