@@ -215,3 +215,29 @@ def shift_batch_counters(trainer: pl.Trainer, saved: int, resumed: int) -> None:
     for tracker in (progress.current, progress.total):
         for name in _COUNTERS:
             setattr(tracker, name, getattr(tracker, name) + resumed - saved)
+
+
+def requeue_signal(trainer: pl.Trainer) -> int | None:
+    """The signal on which Lightning saves an HPC checkpoint and requeues the Slurm job, or ``None`` when the fit's
+    cluster environment is not ``SLURMEnvironment(auto_requeue=True)`` (read from ``_accelerator_connector``).
+
+    Example::
+
+        >>> requeue_signal(pl.Trainer(logger=False, enable_checkpointing=False)) is None  # outside Slurm
+        True
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    connector = getattr(trainer, "_accelerator_connector", None)
+    if connector is None or not hasattr(connector, "cluster_environment"):
+        raise RuntimeError(
+            _missing_message(
+                "StepBoundaryRequeue",
+                ["Trainer._accelerator_connector.cluster_environment"],
+                f"Install {SUPPORTED}.",
+            )
+        )
+    environment = connector.cluster_environment
+    if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
+        return None
+    return int(environment.requeue_signal)

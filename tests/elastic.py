@@ -56,14 +56,17 @@ class ElasticModule(SampleCountMixin, pl.LightningModule):
 
 
 class SaveAtStep(pl.Callback):
-    """At global step ``step``: save ``path`` (after micro-batch ``extra`` more of the next window) and stop."""
+    """``extra`` micro-batches after global step ``step``: save ``path`` and stop."""
 
     def __init__(self, path: Path, step: int, extra: int = 0) -> None:
         self.path, self.step, self.extra = path, step, extra
+        self.since_step = 0  # micro-batches since the last optimizer step
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        past = trainer.fit_loop.epoch_loop.batch_progress.current.ready % trainer.accumulate_grad_batches
-        if trainer.global_step == self.step and past == self.extra % trainer.accumulate_grad_batches:
+        stepped = trainer.fit_loop.epoch_loop.batch_progress.current.ready % trainer.accumulate_grad_batches == 0
+        stepped = stepped or trainer.num_training_batches == batch_idx + 1
+        self.since_step = 0 if stepped else self.since_step + 1
+        if trainer.global_step == self.step and self.since_step == self.extra:
             trainer.save_checkpoint(self.path)
             trainer.should_stop = True
 
