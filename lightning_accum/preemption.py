@@ -2,13 +2,13 @@
 
 With ``SLURMEnvironment(auto_requeue=True)`` Lightning saves an HPC checkpoint (``hpc_ckpt_<n>.ckpt`` in
 ``default_root_dir``) and runs ``scontrol requeue`` from its ``SIGUSR1`` handler (lightning 2.5 and 2.6:
-``_SignalConnector._slurm_sigusr_handler_fn``), i.e. wherever the signal interrupts the fit: between a micro-batch's forward and backward, inside an optimizer
-step, or, with several ranks, while the ranks are in different collectives (the checkpoint gathers state). Such a
-checkpoint cannot resume the uninterrupted trajectory. This callback takes the signal instead, notes it, and at the
-next optimizer-step boundary that every rank reaches, all ranks agree on it (one all-reduce of a flag per step) and
-call Lightning's own handler there: the HPC checkpoint then lies at a step boundary, which the requeued job (any
-split of the same effective batch, ``GlobalBatchLoader``) resumes exactly. The fit then stops; Slurm ends the job
-and starts it again.
+``_SignalConnector._slurm_sigusr_handler_fn``), i.e. wherever the signal interrupts the fit: between a
+micro-batch's forward and backward, inside an optimizer step, or, with several ranks, while the ranks are in
+different collectives (the checkpoint gathers state). Such a checkpoint cannot resume the uninterrupted
+trajectory. This callback takes the signal instead, notes it, and at the next optimizer-step boundary that every
+rank reaches, all ranks agree on it (one all-reduce of a flag per step) and call Lightning's own handler there:
+the HPC checkpoint then lies at a step boundary, which the requeued job (any split of the same effective batch,
+``GlobalBatchLoader``) resumes exactly. The fit then stops; Slurm ends the job and starts it again.
 """
 
 from __future__ import annotations

@@ -34,7 +34,8 @@ def test_two_torchrun_nodes_resume_on_one_node(tmp_path, reference, measured) ->
     run_torchrun_nodes([FIT, str(tmp_path), str(tmp_path / "unused.pt"), f"--stop-step={MID_EPOCH}"], 2, tmp_path)
     assert (tmp_path / "progress.txt").read_text().split() == [str(MID_EPOCH), "2"]
     out = tmp_path / "resumed.pt"
-    run([*torchrun("--nproc_per_node=1"), FIT, str(tmp_path), str(out), f"--resume={tmp_path / 'split.ckpt'}"], tmp_path)
+    resume = f"--resume={tmp_path / 'split.ckpt'}"
+    run([*torchrun("--nproc_per_node=1"), FIT, str(tmp_path), str(out), resume], tmp_path)
     assert (tmp_path / "progress.txt").read_text().split() == ["12", "1"]
     initial, final = reference
     assert measured(relative_distance(torch.load(out), final, initial)) < 1e-5
