@@ -8,7 +8,8 @@ The split follows the ranks: K = 8 / (ranks x B), so every launch trains the sam
 requeued job resumes from its HPC checkpoint in ROOT; ``--every-step`` saves ``ROOT/last.ckpt`` at every optimizer
 step and resumes from it when it exists (torchrun restarts). ``--kill-rank``/``--kill-step`` SIGKILLs that rank inside
 the window after step S, on torchrun's first attempt only. Rank 0 writes the final parameters to OUT when the fit
-ran to its end, and ROOT/progress.txt (``global_step world_size``) after every step.
+ran to its end, ROOT/progress.txt (``global_step world_size``) after every step and a line
+``attempt global_step world_size`` to ROOT/starts.txt at every train start.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class Progress(pl.Callback):
 
     def __init__(self, path: Path, slow: float, kill: tuple[int, int] | None) -> None:
         self.path, self.slow, self.kill = path, slow, kill
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if trainer.is_global_zero:  # which attempt starts at which step, on how many ranks
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", os.environ.get("SLURM_RESTART_COUNT", "0"))
+            with (self.path.parent / "starts.txt").open("a") as starts:
+                starts.write(f"{attempt} {trainer.global_step} {trainer.world_size}\n")
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
         first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"

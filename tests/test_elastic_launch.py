@@ -45,8 +45,9 @@ def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path, refere
     # 2 ranks x K=2 x B=2, a checkpoint at every step; rank 1 is SIGKILLed inside the window after step 5 (its first
     # micro-batch done). torchrun stops rank 0, starts both again, and they resume from step 5's checkpoint.
     args = [FIT, str(tmp_path), str(tmp_path / "final.pt"), "--every-step", "--kill-rank=1", "--kill-step=5"]
-    out = run([*torchrun("--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.5"), *args], tmp_path)
+    run([*torchrun("--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.5"), *args], tmp_path)
     initial, final = reference
     assert measured(relative_distance(torch.load(tmp_path / "final.pt"), final, initial)) < 1e-5
     assert (tmp_path / "progress.txt").read_text().split() == ["12", "2"]
-    del out
+    # Attempt 0 started at step 0, attempt 1 (after the kill) at step 5, both on 2 ranks.
+    assert (tmp_path / "starts.txt").read_text().splitlines() == ["0 0 2", "1 5 2"]
