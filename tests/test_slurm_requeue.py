@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from app_runs import update_distance
 from elastic import uninterrupted
 from fits import clean_env
 from reference import relative_distance
-from test_slurm import slurm_cluster  # noqa: F401  (the autouse fixture: skip or fail without a controller)
+from test_slurm import COMMON, SWEEP, one_process_k4, slurm_cluster, slurm_jobs  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -39,6 +40,12 @@ def job_states(job: str) -> list[str]:
     """The job's states in sacct, one per run of it (a requeued run reads REQUEUED)."""
     out = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "State"], capture_output=True, text=True)
     return out.stdout.split()
+
+
+def requeued_and_pending(job: str) -> bool:
+    """The controller holds the job again as pending after a requeue (then its begin time can be changed)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    return "JobState=PENDING" in out and "Restarts=0" not in out
 
 
 def preempted_job(root: Path, shrink_to_one_node: bool) -> str:
@@ -60,7 +67,7 @@ def preempted_job(root: Path, shrink_to_one_node: bool) -> str:
         progress = root / "progress.txt"
         wait_for(lambda: progress.exists() and int(progress.read_text().split()[0]) >= 3, "3 optimizer steps")
         subprocess.run(["scancel", "--signal=USR1", job], check=True)
-        wait_for(lambda: job_states(job)[:1] == ["REQUEUED"], "the job to be requeued")
+        wait_for(lambda: requeued_and_pending(job), "the job to be requeued")
         # A requeued job waits for its begin time (minutes); start it now, on 1 node if asked.
         update = ["scontrol", "update", f"JobId={job}", "StartTime=now"]
         subprocess.run([*update, *(["NumNodes=1-1", "NumTasks=1"] if shrink_to_one_node else [])], check=True)
@@ -92,3 +99,31 @@ def test_preempted_job_is_requeued_and_ends_on_the_uninterrupted_parameters(
     assert rescaler["window"] is None  # no partial window: the checkpoint lies at a step boundary
     initial, final = reference
     assert measured(relative_distance(torch.load(tmp_path / "final.pt"), final, initial)) < 1e-6
+
+
+def test_app_job_through_submitit_is_requeued_and_equals_one_process(tmp_path, one_process_k4, measured) -> None:  # noqa: F811
+    # The Hydra app's sweep of one job (hydra/launcher=slurm: submitit, 2 tasks x K=2 on one node). Once epoch 0's
+    # checkpoint exists, the job's tasks get SIGUSR1; the app's StepBoundaryRequeue (callbacks/default) saves
+    # hpc_ckpt_1.ckpt in the job's run folder at the next step boundary and Lightning requeues the array task;
+    # submitit waits for the requeued run, which resumes there and ends on the 1-process K=4 parameters.
+    args = [*SWEEP, *COMMON, "accumulation.k=2", f"paths.log_dir={tmp_path / 'slurm'}"]
+    with (tmp_path / "sweep.out").open("w") as out, (tmp_path / "sweep.err").open("w") as err:
+        sweep_proc = subprocess.Popen(args, cwd=tmp_path, env=clean_env(), stdout=out, stderr=err)
+    try:
+        wait_for(lambda: any((tmp_path / "slurm").rglob("epoch_000.ckpt")), "epoch 0's checkpoint")
+        (sweep,) = (tmp_path / "slurm" / "digits_global" / "multirun").iterdir()
+        (job,) = slurm_jobs(sweep) or [p.name for p in (sweep / ".submitit").iterdir() if "_" in p.name]
+        subprocess.run(["scancel", "--signal=USR1", job], check=True)
+        wait_for(lambda: requeued_and_pending(job), "the job to be requeued")
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        assert sweep_proc.wait(timeout=400) == 0, (tmp_path / "sweep.err").read_text()[-5000:]
+    finally:
+        if sweep_proc.poll() is None:
+            sweep_proc.kill()
+    assert job_states(job) == ["REQUEUED", "COMPLETED"]
+    run_dir = sweep / "0"
+    hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
+    assert hpc["epoch"] == 1 and hpc["global_step"] > 24  # inside epoch 1, after the signal
+    (rescaler,) = [state for key, state in hpc["callbacks"].items() if key.startswith("SampleCountRescaler")]
+    assert rescaler["window"] is None
+    assert measured(update_distance(run_dir, one_process_k4)) < 1e-6
