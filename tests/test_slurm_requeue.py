@@ -120,7 +120,8 @@ def test_app_job_through_submitit_is_requeued_and_equals_one_process(tmp_path, o
     finally:
         if sweep_proc.poll() is None:
             sweep_proc.kill()
-    assert job_states(job) == ["REQUEUED", "COMPLETED"]
+    # submitit returns once every task wrote its result, which can be before Slurm closes the job.
+    wait_for(lambda: job_states(job) == ["REQUEUED", "COMPLETED"], "sacct to record the requeued run's end", 60)
     run_dir = sweep / "0"
     hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", map_location="cpu", weights_only=False)
     assert hpc["epoch"] == 1 and hpc["global_step"] > 24  # inside epoch 1, after the signal
