@@ -3,5 +3,6 @@
 from lightning_accum.callback import SampleCountRescaler
 from lightning_accum.data import GlobalBatchLoader, GlobalBatchSampler
 from lightning_accum.mixin import SampleCountMixin
+from lightning_accum.preemption import StepBoundaryRequeue
 
-__all__ = ["GlobalBatchLoader", "GlobalBatchSampler", "SampleCountMixin", "SampleCountRescaler"]
+__all__ = ["GlobalBatchLoader", "GlobalBatchSampler", "SampleCountMixin", "SampleCountRescaler", "StepBoundaryRequeue"]

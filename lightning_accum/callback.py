@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 from lightning_accum.continuation import Continuation
 from lightning_accum.counting import item_mean, masked_sum_and_count
 from lightning_accum.data.checks import require_window_split, warn_about_train_data
-from lightning_accum.data.loader import is_padding
+from lightning_accum.data.loader import continue_loop_counters, is_padding
 from lightning_accum.engines import ENGINES
 from lightning_accum.evaluation import EvaluationMeans
 from lightning_accum.lightning_internals import batch_token, resumed_mid_epoch, upcoming_batches, window_ends_epoch
@@ -123,7 +123,8 @@ class SampleCountRescaler(Callback):
             trainer.optimizers[0], lambda: self._engine.stepped_unfinished() and self._hooks_active()
         )
         warn_about_train_data(trainer.train_dataloader, resumed_mid_epoch(trainer))
-        self._continuation.check_start(trainer)
+        resplit = continue_loop_counters(trainer)  # a GlobalBatchLoader resumed under another split
+        self._continuation.check_start(trainer, resplit)
         if self._restored_window is not None:
             window, self._restored_window = self._restored_window, None
             restore_partial_window(window, trainer, self._engine, self._params())

@@ -139,8 +139,14 @@ class Continuation:
             f"epoch as done, and {why}. {fix}"
         )
 
-    def check_start(self, trainer: pl.Trainer) -> None:
-        """At ``on_train_start`` of a resumed fit: raise unless Lightning continues at the saved position."""
+    def check_start(self, trainer: pl.Trainer, resplit: tuple[int, int] | None = None) -> None:
+        """At ``on_train_start`` of a resumed fit: raise unless Lightning continues at the saved position.
+
+        ``resplit``: the (saved, resumed) micro-batches of a loader resumed under another split (the same steps in
+        the resumed split's micro-batches, where a K of its own is in force).
+        """
+        if resplit is not None and self.position is not None:
+            self.position, self.saved_k = (self.position[0], resplit[1]), None
         self._mid_epoch = resumed_mid_epoch(trainer)
         epoch, batch = resume_point(trainer)
         in_epoch = trainer.num_training_batches

@@ -15,6 +15,8 @@ that lacks a part fails before training instead of training wrong:
 - at a stop and a resume (``continuation.py``) it reads the fit loop's epoch and batch progress, reopens in a
   checkpoint an epoch that Lightning marked done after a stop inside it (``fit_loop.epoch_progress``), and
   sets a ``GradientAccumulationScheduler``'s K when Lightning resumes mid-epoch without ``on_train_epoch_start``.
+- a fit resumed under another split shifts the epoch loop's micro-batch counters (``batch_progress``) from the
+  saved split's micro-batches to the resumed split's (``shift_batch_counters``).
 """
 
 from __future__ import annotations
@@ -269,3 +271,81 @@ def ddp_static_graph(strategy: Any) -> bool:
             )
         )
     return bool(kwargs.get("static_graph", False))
+
+
+_COUNTERS = ("ready", "started", "processed", "completed")
+
+
+def require_batch_counter_support(trainer: pl.Trainer) -> None:
+    """Raise unless the epoch loop counts micro-batches in ``batch_progress.current`` and ``.total`` as expected.
+
+    Example::
+
+        >>> require_batch_counter_support(pl.Trainer(logger=False, enable_checkpointing=False))
+    """
+    progress = getattr(trainer.fit_loop.epoch_loop, "batch_progress", None)
+    missing = [
+        f"batch_progress.{part}.{name}"
+        for part in ("current", "total")
+        for name in _COUNTERS
+        if not isinstance(getattr(getattr(progress, part, None), name, None), int)
+    ]
+    if missing:
+        fix = f"Install {SUPPORTED}, or resume with the saved num_replicas, accumulate_grad_batches, micro_batch_size."
+        raise RuntimeError(_missing_message("Resuming under another split", missing, fix))
+
+
+def shift_batch_counters(trainer: pl.Trainer, saved: int, resumed: int) -> None:
+    """Make the resumed epoch's micro-batch counters say ``resumed`` where the checkpoint says ``saved``.
+
+    A checkpoint counts the micro-batches of its own split (``batch_progress``, restored before ``on_train_start``);
+    under another split the same optimizer steps are another number of micro-batches. Every counter of the epoch
+    (``current``) and of the fit (``total``) moves by the same amount, so Lightning's restart logic, which compares
+    them, reads the same stage; the optimizer-step counters (``global_step``, ``_batches_that_stepped``, the
+    schedulers') count steps and stay. Call it before the epoch loop resets (``on_train_start``).
+
+    Example::
+
+        >>> trainer = pl.Trainer(logger=False, enable_checkpointing=False)
+        >>> trainer.fit_loop.epoch_loop.batch_progress.current.ready = 8  # 2 steps of K=4 ...
+        >>> shift_batch_counters(trainer, saved=8, resumed=2)  # ... are 2 steps of K=1
+        >>> trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        2
+    """
+    require_batch_counter_support(trainer)
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    if progress.current.ready != saved:
+        raise RuntimeError(
+            f"Cannot resume under another split: the checkpoint's loader delivered {saved} micro-batches of the epoch "
+            f"but Lightning's epoch loop counted {progress.current.ready}. Resume with the saved num_replicas, "
+            "accumulate_grad_batches and micro_batch_size."
+        )
+    for tracker in (progress.current, progress.total):
+        for name in _COUNTERS:
+            setattr(tracker, name, getattr(tracker, name) + resumed - saved)
+
+
+def requeue_signal(trainer: pl.Trainer) -> int | None:
+    """The signal on which Lightning saves an HPC checkpoint and requeues the Slurm job, or ``None`` when the fit's
+    cluster environment is not ``SLURMEnvironment(auto_requeue=True)`` (read from ``_accelerator_connector``).
+
+    Example::
+
+        >>> requeue_signal(pl.Trainer(logger=False, enable_checkpointing=False)) is None  # outside Slurm
+        True
+    """
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    connector = getattr(trainer, "_accelerator_connector", None)
+    if connector is None or not hasattr(connector, "cluster_environment"):
+        raise RuntimeError(
+            _missing_message(
+                "StepBoundaryRequeue",
+                ["Trainer._accelerator_connector.cluster_environment"],
+                f"Install {SUPPORTED}.",
+            )
+        )
+    environment = connector.cluster_environment
+    if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
+        return None
+    return int(environment.requeue_signal)

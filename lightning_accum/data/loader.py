@@ -15,12 +15,16 @@ works unchanged) and records their positions, and ``SampleCountRescaler`` counts
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import cached_property
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_accum.data.sampler import PAD_INDEX, GlobalBatchSampler
-from lightning_accum.lightning_internals import require_stateful_loader_support
+from lightning_accum.lightning_internals import require_stateful_loader_support, shift_batch_counters
+
+SPLIT_KEYS = ("num_replicas", "accumulate_grad_batches", "micro_batch_size")
 
 
 class GlobalBatchLoader(DataLoader):
@@ -77,6 +81,7 @@ class GlobalBatchLoader(DataLoader):
         super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
         self._position: tuple[int, int] | None = None  # (epoch, micro-batches delivered) of the last iteration
         self._padding: set[int] = set()  # positions in the epoch of the padding micro-batches sampled so far
+        self._split_change: tuple[int, int] | None = None  # (saved, resumed) micro-batches until counters follow
         require_stateful_loader_support(self)
 
     @property
@@ -84,17 +89,24 @@ class GlobalBatchLoader(DataLoader):
         """What ``DataLoader``'s iterators draw indices from: the sampler, with padding micro-batches replaced."""
         return _SubstitutePadding(self)
 
-    @property
+    @cached_property
     def padding_substitute(self) -> int:
-        """The sample fetched for a padding micro-batch: the shortest under length grouping, else sample 0."""
+        """The sample fetched for a padding micro-batch: the (first) shortest under length grouping, else sample 0."""
         lengths = self.batch_sampler.lengths
-        return 0 if lengths is None else min(range(len(lengths)), key=lengths.__getitem__)
+        return 0 if lengths is None else int(torch.argmin(torch.as_tensor(lengths)))
 
     def is_padding(self, position: int) -> bool:
         """Whether the current epoch's micro-batch ``position`` (Lightning's ``batch_idx``) is padding."""
         return position in self._padding
 
     def __iter__(self) -> Iterator[Any]:
+        if self._split_change is not None:
+            raise RuntimeError(
+                "This GlobalBatchLoader resumed a checkpoint of another split, but Lightning's batch counters still "
+                "count the saved split's micro-batches: SampleCountRescaler shifts them at train start. Add "
+                "SampleCountRescaler() to the Trainer's callbacks, or resume with the saved num_replicas, "
+                "accumulate_grad_batches and micro_batch_size."
+            )
         sampler = self.batch_sampler
         epoch, delivered = sampler.epoch, sampler.start  # read before workers pull indices, which clears start
         self._position = (epoch, delivered)
@@ -117,20 +129,27 @@ class GlobalBatchLoader(DataLoader):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume the sampler at the saved position (see ``GlobalBatchSampler.resume``).
 
-        The split (``num_replicas``, ``accumulate_grad_batches``, ``micro_batch_size``) must be the saved one:
-        Lightning restores its own batch counters in micro-batches of the saved split.
+        The split (``num_replicas``, ``accumulate_grad_batches``, ``micro_batch_size``) may differ from the saved
+        one when the effective batch is the same and the checkpoint lies at an optimizer-step boundary (or an
+        epoch's end). Lightning restores its batch counters in micro-batches of the saved split: the resumed fit's
+        ``SampleCountRescaler`` shifts them to this split's at train start (``continue_loop_counters``), and the
+        loader refuses to iterate until then.
         """
         sampler = self.batch_sampler
-        saved = tuple(state_dict[key] for key in ("num_replicas", "accumulate_grad_batches", "micro_batch_size"))
-        ours = (sampler.num_replicas, sampler.accumulate_grad_batches, sampler.micro_batch_size)
-        if saved != ours:
-            raise ValueError(
-                "Cannot resume with another split: the checkpoint has (num_replicas, accumulate_grad_batches, "
-                f"micro_batch_size) = {saved}, this loader {ours}, and Lightning counts the batches of the resumed "
-                f"run in the saved split. Resume with {saved}."
-            )
         sampler.resume(state_dict["epoch"], state_dict["micro_batches"], state_dict)
         self._position = None
+        saved = tuple(state_dict[key] for key in SPLIT_KEYS)
+        if saved != tuple(getattr(sampler, key) for key in SPLIT_KEYS):
+            self._split_change = (state_dict["micro_batches"], sampler.start)
+
+    def continue_loop_counters(self, trainer: Any) -> tuple[int, int] | None:
+        """Shift ``trainer``'s micro-batch counters of the resumed epoch to this loader's split (once, if resumed
+        under another split); ``SampleCountRescaler`` calls it at train start. Returns the (saved, resumed)
+        micro-batches of the shift, or ``None``."""
+        change, self._split_change = self._split_change, None
+        if change is not None:
+            shift_batch_counters(trainer, *change)
+        return change
 
 
 class _SubstitutePadding:
@@ -170,3 +189,24 @@ def is_padding(loader: Any, position: int) -> bool:
         False
     """
     return isinstance(loader, GlobalBatchLoader) and loader.is_padding(position)
+
+
+def continue_loop_counters(trainer: Any) -> tuple[int, int] | None:
+    """At train start: shift Lightning's micro-batch counters for a ``GlobalBatchLoader`` resumed under another split.
+
+    Returns the (saved, resumed) micro-batches of the shift, or ``None`` when no loader changed its split.
+
+    Example::
+
+        >>> import lightning.pytorch as pl
+        >>> continue_loop_counters(pl.Trainer(logger=False, enable_checkpointing=False))  # no train loader: nothing
+    """
+    loaders = trainer.train_dataloader
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    changes = [
+        loader.continue_loop_counters(trainer)
+        for loader in (loaders if isinstance(loaders, list | tuple) else [loaders])
+        if isinstance(loader, GlobalBatchLoader)
+    ]
+    return next((change for change in changes if change is not None), None)
