@@ -190,7 +190,7 @@ def masked_out(batch: MicroBatch) -> MicroBatch:
     return x, y, torch.zeros_like(y, dtype=torch.bool)
 
 
-def tolerance(precision: str, case: Case) -> float:
+def tolerance(precision: str, case: Case, reference: Tensor | None = None) -> float:
     """Allowed relative distance to the float32 reference: a rounding budget from the unit roundoff ``u``.
 
     A budget, not a proven bound (rounding also grows with reduction lengths and compounds through the
@@ -207,9 +207,10 @@ def tolerance(precision: str, case: Case) -> float:
     if precision.endswith("mixed"):
         return 4 * u
     windows = case.reference_windows()
-    reference = train_reference(
-        make_net(), windows, make_optimizer(case.optimizer, case.lr), case.clip_norm, case.clip_value
-    ).parameters
+    if reference is None:
+        reference = train_reference(
+            make_net(), windows, make_optimizer(case.optimizer, case.lr), case.clip_norm, case.clip_value
+        ).parameters
     ratio = float(reference.norm() / (reference - flat_parameters(make_net())).norm())
     return 4 * u + 2 * (len(windows) + 1) ** 0.5 * u * ratio
 
@@ -376,9 +377,15 @@ class Cell:
         return FIGURE_KEYS.get(self.id, ())
 
 
-def far_bound(precision: str, case: Case) -> float:
+def far_bound(precision: str, case: Case, reference: Tensor | None = None) -> float:
     """How far a naive fit must at least be: beyond ``NAIVE_MINIMUM`` and ten times the format's tolerance."""
-    return max(NAIVE_MINIMUM, 10 * tolerance(precision, case))
+    return max(NAIVE_MINIMUM, 10 * tolerance(precision, case, reference))
+
+
+@functools.cache
+def case_reference(name: str) -> Tensor:
+    """The final parameters of the reference run of ``CASES[name]``, computed once per session."""
+    return reference_run(CASES[name]()).parameters
 
 
 SINGLE_CASES = (

@@ -18,15 +18,15 @@ from cases import (
     MATRIX,
     Case,
     Cell,
+    case_reference,
     far_bound,
-    flat_reference_distance,
     make_net,
     reference_distance,
     tolerance,
     varied_sizes_plan,
 )
 from fits import ExactModule, fit
-from reference import item_losses
+from reference import flat_parameters, item_losses, relative_distance
 
 from lightning_accum import SampleCountRescaler
 
@@ -39,14 +39,14 @@ def matrix_params() -> list:
 
 @pytest.mark.parametrize("cell", matrix_params())
 def test_final_parameters_against_the_reference(cell: Cell, shared_fits, measured) -> None:
-    case = CASES[cell.case]()
-    distance = flat_reference_distance(case, shared_fits.parameters(cell))
+    case, reference = CASES[cell.case](), case_reference(cell.case)
+    distance = relative_distance(shared_fits.parameters(cell).float(), reference, flat_parameters(make_net()))
     for key in cell.figures or (None,):
         measured(distance, key=key)
     if cell.differs:
-        assert distance > far_bound(cell.precision, case)
+        assert distance > far_bound(cell.precision, case, reference)
     else:
-        assert distance <= tolerance(cell.precision, case)
+        assert distance <= tolerance(cell.precision, case, reference)
 
 
 class TwoHalvesModule(ExactModule):
