@@ -1,5 +1,8 @@
 """The test cases: micro-batches per rank, how they are accumulated, and their plain-PyTorch reference.
 
+``CASES`` is the one case table and ``MATRIX`` the exactness matrix built from it (``test_exactness.py``): each
+``Cell`` a case, a mode, a precision and a strategy, with what its fit must show against the reference.
+
 Nothing here runs Lightning (``fits.py`` does) or imports lightning_accum: the expected numbers come from
 ``reference.py``, computed independently of the code under test.
 """

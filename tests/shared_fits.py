@@ -50,7 +50,7 @@ def spawned_rank(rank: int, cell_ids: list[str], folder: Path, port: int) -> Non
     """A rank started by the spawn: the launcher's variables (as ``ddp_spawn`` sets them), then the fits."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", NODE_RANK="0",
-        RANK=str(rank), LOCAL_RANK=str(rank), PYTHONWARNINGS="ignore",
+        RANK=str(rank), LOCAL_RANK=str(rank),
     )  # fmt: skip
     fit_cells(cell_ids, folder)
 
