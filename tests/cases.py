@@ -298,6 +298,12 @@ def clipped(case: Case, clip_norm: float | None, clip_value: float | None) -> Ca
     return case
 
 
+def float_mask_case(optimizer: str) -> Case:
+    """0/1 float token masks, K=4, two epochs."""
+    plan = with_float_masks(varied_sizes_plan(tokens=3, keep=0.7))
+    return Case(plan=plan, accumulation=4, epochs=2, optimizer=optimizer, lr=0.05)
+
+
 SCHEDULE = {0: 2, 1: 3, 2: 1, 3: 4}  # K changes between epochs (a GradientAccumulationScheduler)
 
 
@@ -315,19 +321,7 @@ CASES: dict[str, Callable[[], Case]] = {
     ),
     "clip_norm": lambda: Case(plan=varied_sizes_plan(), accumulation=3, epochs=3, clip_norm=0.3),
     "clip_value": lambda: Case(plan=varied_sizes_plan(), accumulation=3, epochs=3, clip_value=0.05),
-    **{
-        f"float_mask_{optimizer}": functools.partial(
-            lambda optimizer: Case(
-                plan=with_float_masks(varied_sizes_plan(tokens=3, keep=0.7)),
-                accumulation=4,
-                epochs=2,
-                optimizer=optimizer,
-                lr=0.05,
-            ),
-            optimizer,
-        )
-        for optimizer in ("sgd", "adamw")
-    },
+    **{f"float_mask_{optimizer}": functools.partial(float_mask_case, optimizer) for optimizer in ("sgd", "adamw")},
     "masked_tokens": masked_tokens_case,
     "masked_tokens_clip_norm": lambda: clipped(masked_tokens_case(), 0.3, None),
     "masked_tokens_clip_value": lambda: clipped(masked_tokens_case(), None, 0.05),
