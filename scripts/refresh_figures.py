@@ -7,8 +7,8 @@
     python scripts/refresh_figures.py --extras   # fresh venv per install extra -> extras.json (minutes)
 
 The example runs and the tests' distances are deterministic on a given platform: ``tests/test_figures.py``
-re-runs the example runs and every test that records a quoted distance checks it against
-``docs/figures/measured.json`` (``tests/conftest.py``), so quoted figures cannot drift silently. Timings
+re-runs the example runs, and ``tests/test_measured_figures.py`` (run last) checks every quoted distance that
+the session's tests recorded against ``docs/figures/measured.json``, so quoted figures cannot drift silently. Timings
 (extras' install sizes, benchmarks) are quoted with the machine they come from, not checked.
 """
 
@@ -33,7 +33,10 @@ RUNS: dict[str, list[str]] = {
     "digits_global_k4": ["experiment=digits_global", "accumulation.k=4"],
 }
 RUN_METRICS = ["train/items", "train/loss", "train/loss_epoch", "val/acc", "val/loss"]
-# Tests that record figures (the ``measured`` fixture), excluding Slurm (it needs a cluster: .ci/slurm-up).
+# Tests that record figures (the ``measured`` fixture), excluding Slurm (it needs a cluster: .ci/slurm-up). Each
+# also names a docs table: the figures whose keys start with its path. The exactness matrix (test_exactness.py)
+# records its quoted figures under the keys of the tests that measured them before it (test_precision.py and
+# test_manual.py among them: ``cases.FIGURE_KEYS``).
 MEASURE_TESTS = [
     "tests/test_exactness.py",
     "tests/test_precision.py",

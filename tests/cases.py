@@ -1,12 +1,17 @@
 """The test cases: micro-batches per rank, how they are accumulated, and their plain-PyTorch reference.
 
+``CASES`` is the one case table and ``MATRIX`` the exactness matrix built from it (``test_exactness.py``): each
+``Cell`` a case, a mode, a precision and a strategy, with what its fit must show against the reference.
+
 Nothing here runs Lightning (``fits.py`` does) or imports lightning_accum: the expected numbers come from
 ``reference.py``, computed independently of the code under test.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -188,7 +193,7 @@ def masked_out(batch: MicroBatch) -> MicroBatch:
     return x, y, torch.zeros_like(y, dtype=torch.bool)
 
 
-def tolerance(precision: str, case: Case) -> float:
+def tolerance(precision: str, case: Case, reference: Tensor | None = None) -> float:
     """Allowed relative distance to the float32 reference: a rounding budget from the unit roundoff ``u``.
 
     A budget, not a proven bound (rounding also grows with reduction lengths and compounds through the
@@ -205,9 +210,10 @@ def tolerance(precision: str, case: Case) -> float:
     if precision.endswith("mixed"):
         return 4 * u
     windows = case.reference_windows()
-    reference = train_reference(
-        make_net(), windows, make_optimizer(case.optimizer, case.lr), case.clip_norm, case.clip_value
-    ).parameters
+    if reference is None:
+        reference = train_reference(
+            make_net(), windows, make_optimizer(case.optimizer, case.lr), case.clip_norm, case.clip_value
+        ).parameters
     ratio = float(reference.norm() / (reference - flat_parameters(make_net())).norm())
     return 4 * u + 2 * (len(windows) + 1) ** 0.5 * u * ratio
 
@@ -266,3 +272,205 @@ def clipped_ranks_case() -> Case:
     case = masked_ranks_case()
     case.clip_norm = 0.37
     return case
+
+
+def masked_ranks_sgd_case() -> Case:
+    """``masked_ranks_case`` with SGD: float16 parameters cannot take AdamW (its eps=1e-8 rounds to 0 in float16,
+    so Adam gives nan with or without the rescaler)."""
+    case = masked_ranks_case()
+    case.optimizer, case.lr = "sgd", 0.3
+    return case
+
+
+def with_float_masks(plan: list[list[MicroBatch]]) -> list[list[MicroBatch]]:
+    return [[(x, y, m.float()) for x, y, m in rank_plan] for rank_plan in plan]
+
+
+def all_false_micro_batch(plan: list[list[MicroBatch]], index: int = 1) -> list[list[MicroBatch]]:
+    """``plan`` where micro-batch ``index`` of rank 0 counts no item."""
+    x, y, mask = plan[0][index]
+    plan[0][index] = (x, y, torch.zeros_like(mask))
+    return plan
+
+
+def clipped(case: Case, clip_norm: float | None, clip_value: float | None) -> Case:
+    case.clip_norm, case.clip_value = clip_norm, clip_value
+    return case
+
+
+def float_mask_case(optimizer: str) -> Case:
+    """0/1 float token masks, K=4, two epochs."""
+    plan = with_float_masks(varied_sizes_plan(tokens=3, keep=0.7))
+    return Case(plan=plan, accumulation=4, epochs=2, optimizer=optimizer, lr=0.05)
+
+
+SCHEDULE = {0: 2, 1: 3, 2: 1, 3: 4}  # K changes between epochs (a GradientAccumulationScheduler)
+
+
+# The one case table: name -> a fresh Case (tests may change their copy). Ranks are len(case.plan).
+CASES: dict[str, Callable[[], Case]] = {
+    **{f"last_batch_k{k}": functools.partial(last_batch_smaller_case, k) for k in range(1, 9)},
+    "schedule": lambda: Case(plan=varied_sizes_plan(), accumulation=dict(SCHEDULE), epochs=4),
+    "schedule_masked": lambda: Case(plan=varied_sizes_plan(tokens=3, keep=0.6), accumulation=dict(SCHEDULE), epochs=4),
+    "token_masks": lambda: Case(
+        plan=all_false_micro_batch(varied_sizes_plan(tokens=5, keep=0.5)),
+        accumulation=3,
+        epochs=3,
+        optimizer="adamw",
+        lr=0.05,
+    ),
+    "clip_norm": lambda: Case(plan=varied_sizes_plan(), accumulation=3, epochs=3, clip_norm=0.3),
+    "clip_value": lambda: Case(plan=varied_sizes_plan(), accumulation=3, epochs=3, clip_value=0.05),
+    **{f"float_mask_{optimizer}": functools.partial(float_mask_case, optimizer) for optimizer in ("sgd", "adamw")},
+    "masked_tokens": masked_tokens_case,
+    "masked_tokens_clip_norm": lambda: clipped(masked_tokens_case(), 0.3, None),
+    "masked_tokens_clip_value": lambda: clipped(masked_tokens_case(), None, 0.05),
+    "uneven_ranks": uneven_ranks_case,
+    "masked_ranks": masked_ranks_case,
+    "masked_ranks_sgd": masked_ranks_sgd_case,
+}
+
+
+# The exactness matrix: which fits are compared with the plain-PyTorch reference, and what they must show.
+MODES = ("deferred", "lookahead", "manual", "naive", "naive-manual")
+"""``deferred`` and ``lookahead``: the rescaler's two modes under automatic optimization; ``manual``: the module's
+own loop with ``sample_backward``; ``naive`` (automatic) and ``naive-manual`` (its own loop): no rescaler, each
+micro-batch's item mean, which the matrix shows is off the reference wherever micro-batches are uneven."""
+
+STRATEGIES = ("single", "ddp", "spawn")
+"""``single``: one process; ``ddp``: two ranks that Lightning's ``strategy="ddp"`` launches (a script it
+re-runs for rank 1); ``spawn``: two ranks started by ``torch.multiprocessing``'s spawn (the start method of
+``strategy="ddp_spawn"``, its arguments pickled), each running ``DDPStrategy``. One launch serves every cell of
+a strategy (``shared_fits.py``)."""
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One fit of the matrix: a case of ``CASES`` in a mode, a precision and a strategy."""
+
+    case: str
+    mode: str
+    precision: str = "32-true"
+    strategy: str = "single"
+
+    @property
+    def id(self) -> str:
+        return f"{self.strategy}-{self.mode}-{self.precision}-{self.case}"
+
+    @property
+    def naive(self) -> bool:
+        return self.mode.startswith("naive")
+
+    @property
+    def differs(self) -> bool:
+        """Whether the fit must be off the reference: a naive fit, unless every step is one micro-batch in one
+        process (K=1), where a micro-batch's mean already is the step's item mean."""
+        return self.naive and not (self.case == "last_batch_k1" and self.strategy == "single")
+
+    @property
+    def figures(self) -> tuple[str, ...]:
+        """The keys of ``docs/figures/measured.json`` that the docs quote for this fit (the tests that measured
+        it before the matrix); empty for a fit they do not quote."""
+        return FIGURE_KEYS.get(self.id, ())
+
+
+def far_bound(precision: str, case: Case, reference: Tensor | None = None) -> float:
+    """How far a naive fit must at least be: beyond ``NAIVE_MINIMUM`` and ten times the format's tolerance."""
+    return max(NAIVE_MINIMUM, 10 * tolerance(precision, case, reference))
+
+
+@functools.cache
+def case_reference(name: str) -> Tensor:
+    """The final parameters of the reference run of ``CASES[name]``, computed once per session."""
+    return reference_run(CASES[name]()).parameters
+
+
+SINGLE_CASES = (
+    *(f"last_batch_k{k}" for k in range(1, 9)),
+    "schedule",
+    "schedule_masked",
+    "token_masks",
+    "clip_norm",
+    "clip_value",
+    "float_mask_sgd",
+    "float_mask_adamw",
+    "masked_tokens",
+    "masked_tokens_clip_norm",
+    "masked_tokens_clip_value",
+)
+LOW_PRECISIONS = ("16-mixed", "bf16-mixed", "16-true", "bf16-true")
+RANKS_CASES = ("uneven_ranks", "masked_ranks")
+
+
+def ranks_case(precision: str) -> str:
+    """The two-rank case of the low-precision cells (uneven ranks, a rank with an empty share, an empty window,
+    clipping): with AdamW, or SGD in float16 parameters (``masked_ranks_sgd_case``)."""
+    return "masked_ranks_sgd" if precision == "16-true" else "masked_ranks"
+
+
+MATRIX: list[Cell] = [
+    # One process, float32: every case in every mode and its naive control.
+    *(Cell(case, mode) for case in SINGLE_CASES for mode in MODES),
+    # One process, every other precision on masked_tokens (K=3, token masks, an all-masked micro-batch, a short
+    # last window, clipping).
+    *(Cell("masked_tokens", mode, precision) for precision in ("64-true", *LOW_PRECISIONS) for mode in MODES),
+    # Two ranks, both launchers: float32 on both two-rank cases, every other precision on masked_ranks.
+    *(
+        Cell(case, mode, "32-true", strategy)
+        for strategy in ("ddp", "spawn")
+        for case in RANKS_CASES
+        for mode in ("deferred", "lookahead", "manual", "naive")
+    ),
+    *(
+        Cell(ranks_case(precision), mode, precision, strategy)
+        for strategy in ("ddp", "spawn")
+        for precision in LOW_PRECISIONS
+        for mode in ("deferred", "lookahead", "manual", "naive")
+    ),
+]
+
+
+def _figure_keys() -> dict[str, tuple[str, ...]]:
+    """Cell id -> the figure keys it measures, named after the tests that measured them before the matrix."""
+    exactness, precision, manual = "tests/test_exactness.py::", "tests/test_precision.py::", "tests/test_manual.py::"
+    single = {
+        **{f"last_batch_k{k}": f"test_last_batch_smaller_any_k[{k}]" for k in range(1, 9)},
+        "schedule": "test_accumulation_schedule_changes_k_between_epochs",
+        "token_masks": "test_token_masks_with_an_all_false_micro_batch",
+        "clip_norm": "test_gradient_clipping_acts_on_the_exact_gradient[norm]",
+        "clip_value": "test_gradient_clipping_acts_on_the_exact_gradient[value]",
+    }
+    keys: dict[str, list[str]] = {}
+
+    def add(cell: Cell, key: str) -> None:
+        keys.setdefault(cell.id, []).append(key)
+
+    for case, test in single.items():
+        add(Cell(case, "deferred"), f"{exactness}{test} exact")
+        add(Cell(case, "naive"), f"{exactness}{test} naive")
+    for optimizer in ("sgd", "adamw"):
+        add(
+            Cell(f"float_mask_{optimizer}", "deferred"),
+            f"{exactness}test_float_mask_of_zeros_and_ones[{optimizer}] exact",
+        )
+    for name in ("64-true", "32-true", *LOW_PRECISIONS):
+        for mode in ("deferred", "lookahead"):
+            add(
+                Cell("masked_tokens", mode, name),
+                f"{precision}test_matches_the_float32_reference_within_rounding[{name}-{mode}]",
+            )
+    for name in LOW_PRECISIONS:
+        add(Cell("masked_tokens", "naive", name), f"{precision}test_naive_is_far_outside_the_tolerance[{name}] naive")
+    for name in ("32-true", *LOW_PRECISIONS):
+        add(Cell("masked_tokens", "manual", name), f"{manual}test_own_loop_with_clipping_matches_the_reference[{name}]")
+    for strategy, test in (("spawn", "test_ddp_spawn_two_ranks"), ("ddp", "test_ddp_popen_two_ranks")):
+        for case in RANKS_CASES:
+            add(Cell(case, "deferred", "32-true", strategy), f"{exactness}{test}[{case}_case] exact")
+            add(Cell(case, "naive", "32-true", strategy), f"{exactness}{test}[{case}_case] naive")
+    for name in ("32-true", *LOW_PRECISIONS):
+        for mode in ("deferred", "lookahead", "manual"):
+            add(Cell(ranks_case(name), mode, name, "spawn"), f"{precision}test_ddp_spawn_two_ranks[{name}-{mode}]")
+    return {cell_id: tuple(found) for cell_id, found in keys.items()}
+
+
+FIGURE_KEYS = _figure_keys()

@@ -1,10 +1,10 @@
-"""The ``measured`` fixture: tests record the distance they assert on, and the run prints them all at the end.
+"""Shared fixtures: a clean launcher environment per test, the session's shared fits, and ``measured``.
 
-The docs quote these figures from ``docs/figures/measured.json``. Each time a test records a figure that the
-docs quote, the fixture checks that the fresh value is still within the quoted figure's band
-(``docs_figures.within_band``) and fails the test otherwise, naming the command that refreshes the docs.
-``LIGHTNING_ACCUM_MEASURED_OUT=path`` writes this session's figures to ``path`` (merged into what it holds)
-instead of checking: ``python scripts/refresh_figures.py --measure`` uses it.
+``measured`` records the distances that tests assert on; the run prints them all at the end. The docs quote
+some of them from ``docs/figures/measured.json``: ``tests/test_measured_figures.py`` (run last) checks that this
+session's figures are still within the quoted figures' bands, so a correctness test never fails because a
+page is out of date. ``LIGHTNING_ACCUM_MEASURED_OUT=path`` writes this session's figures to ``path`` (merged
+into what it holds): ``python scripts/refresh_figures.py --measure`` uses it.
 """
 
 from __future__ import annotations
@@ -16,11 +16,24 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-from docs_figures import MEASURED_FILE, REFRESH_COMMAND, within_band
+from cases import MATRIX, Cell
 from fits import LAUNCHER_VARIABLES
+from shared_fits import SharedFits
 
 MEASURED: dict[str, float] = {}
 OUT_ENV = "LIGHTNING_ACCUM_MEASURED_OUT"
+LAST_MODULE = "test_measured_figures.py"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "cells(*ids): the matrix cells (``cases.Cell.id``) a test reads from shared_fits"
+    )
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The figures check runs after every test that records figures."""
+    items.sort(key=lambda item: item.path.name == LAST_MODULE)  # a stable sort keeps the order otherwise
 
 
 @pytest.fixture(autouse=True)
@@ -36,23 +49,28 @@ def fresh_launcher_environment() -> Iterator[None]:
         yield
 
 
-def _quoted() -> dict[str, float]:
-    return json.loads(MEASURED_FILE.read_text()) if MEASURED_FILE.exists() else {}
+@pytest.fixture(scope="session")
+def shared_fits(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> SharedFits:
+    """The matrix's fits, once per session: the cells of the selected tests (a ``cell`` parameter, or the
+    ``cells`` mark's ids) are fitted together per launch strategy when the first of them is asked for."""
+    by_id = {cell.id: cell for cell in MATRIX}
+    wanted: list[Cell] = []
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if isinstance(params.get("cell"), Cell):
+            wanted.append(params["cell"])
+        for mark in item.iter_markers("cells"):
+            wanted += [by_id[cell_id] for cell_id in mark.args]
+    return SharedFits(tmp_path_factory.mktemp("shared_fits"), wanted)
 
 
 @pytest.fixture
 def measured(request: pytest.FixtureRequest) -> Callable[..., float]:
-    """``measured(value, label="")`` records ``value`` under the test's id (and label); returns it, for an assert."""
-    quoted = {} if os.environ.get(OUT_ENV) else _quoted()
+    """``measured(value, label="", key=None)`` records ``value`` under ``key``, or the test's id (and label);
+    returns it, for an assert."""
 
-    def record(value: float, label: str = "") -> float:
-        key = f"{request.node.nodeid} {label}".rstrip()
-        MEASURED[key] = float(value)
-        if key in quoted and not within_band(quoted[key], float(value)):
-            pytest.fail(
-                f"the docs quote {quoted[key]:.3g} for {key!r} but this run measured {float(value):.3g}: "
-                f"run `{REFRESH_COMMAND} --measure` (then commit docs/figures/ and the pages it rewrites)"
-            )
+    def record(value: float, label: str = "", key: str | None = None) -> float:
+        MEASURED[key or f"{request.node.nodeid} {label}".rstrip()] = float(value)
         return value
 
     return record

@@ -1,8 +1,9 @@
 """Lightning fits of the test cases: module-level LightningModules (picklable for ddp_spawn) and Trainers.
 
-``fit`` and ``fit_case`` run a ``cases.Case`` with Lightning; ``ReleaseProcessGroup`` ends every distributed fit
-cleanly: Lightning leaves the process group alive, and a gloo group still alive while the interpreter shuts
-down can abort the process ("terminate called without an active exception") after the fit finished.
+``fit`` runs a ``cases.Case`` with Lightning (``fit_mode``: in one of ``cases.MODES``); ``ReleaseProcessGroup``
+ends every distributed fit cleanly: Lightning leaves the process group alive, and a gloo group still alive
+while the interpreter shuts down can abort the process ("terminate called without an active exception") after
+the fit finished.
 """
 
 from __future__ import annotations
@@ -97,6 +98,21 @@ class ManualModule(CountingModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.case.clip_norm is not None:
             self.clip_gradients(optimizer, gradient_clip_val=self.case.clip_norm, gradient_clip_algorithm="norm")
+        if self.case.clip_value is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.case.clip_value, gradient_clip_algorithm="value")
+
+
+class NaiveManualModule(ManualModule):
+    """What users write today in their own loop: each micro-batch's item mean divided by K."""
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        losses, mask = item_losses(self.net, batch)
+        k = self.case.k_at(self.current_epoch)
+        self.manual_backward((losses * mask).sum() / mask.sum().clamp_min(1) / k)
+        if (batch_idx + 1) % k == 0 or self.trainer.is_last_batch:
+            optimizer = self.optimizers()
+            optimizer.step()
+            optimizer.zero_grad()
 
 
 def planned_trainer(
@@ -124,36 +140,6 @@ def planned_trainer(
     )
 
 
-def fit_case(
-    case: Case,
-    exact: bool,
-    strategy: str = "auto",
-    devices: int = 1,
-    logger: pl.loggers.Logger | bool = False,
-    seed: int = 0,
-) -> nn.Module:
-    """Fit a fresh ``make_net(seed)`` on ``case`` with Lightning; return the trained net."""
-    module = (ExactModule if exact else NaiveModule)(make_net(seed), case)
-    callbacks: list[pl.Callback] = [SampleCountRescaler()] if exact else []
-    accumulate = 1
-    if isinstance(case.accumulation, int):
-        accumulate = case.accumulation
-    else:
-        callbacks.append(GradientAccumulationScheduler(scheduling=case.accumulation))
-    trainer = planned_trainer(
-        case,
-        callbacks,
-        strategy,
-        devices,
-        logger,
-        accumulate_grad_batches=accumulate,
-        gradient_clip_val=case.clip_norm if case.clip_norm is not None else case.clip_value,
-        gradient_clip_algorithm="value" if case.clip_value is not None else "norm",
-    )
-    trainer.fit(module)
-    return module.net
-
-
 def fp16_scaler_plugin(
     init_scale: float = 2.0**10, backoff_factor: float = 0.5, growth_interval: int = 2000, device: str = "cpu"
 ):
@@ -176,20 +162,24 @@ def fit(
     case: Case,
     module: pl.LightningModule,
     callbacks: list[pl.Callback],
-    strategy: str = "auto",
+    strategy: str | pl.strategies.Strategy = "auto",
     devices: int = 1,
     logger: pl.loggers.Logger | bool = False,
     ckpt_path: str | Path | None = None,
     **trainer_kwargs: Any,
 ) -> pl.Trainer:
+    """The one Lightning fit of the tests: ``module`` on ``case``, its K (or schedule of K) and clipping.
+
+    Under automatic optimization Lightning accumulates ``case.k_at(epoch)`` micro-batches (a
+    ``GradientAccumulationScheduler`` when K changes) and clips as the case says; a manual-optimization module
+    steps and clips on its own (``ManualModule``), so the Trainer gets neither. ``trainer_kwargs`` override.
+    """
     callbacks = list(callbacks)
-    accumulate = 1
-    if isinstance(case.accumulation, int):
-        accumulate = case.accumulation
-    else:
-        callbacks.append(GradientAccumulationScheduler(scheduling=case.accumulation))
     if getattr(module, "automatic_optimization", True):
-        trainer_kwargs.setdefault("accumulate_grad_batches", accumulate)
+        if isinstance(case.accumulation, int):
+            trainer_kwargs.setdefault("accumulate_grad_batches", case.accumulation)
+        else:
+            callbacks.append(GradientAccumulationScheduler(scheduling=case.accumulation))
         trainer_kwargs.setdefault(
             "gradient_clip_val", case.clip_norm if case.clip_norm is not None else case.clip_value
         )
@@ -199,23 +189,31 @@ def fit(
     return trainer
 
 
-def fit_net(
-    case: Case, kind: str, precision: str = "32-true", mode: str = "deferred", strategy: str = "auto", devices: int = 1
-) -> nn.Module:
-    """Fit ``make_net()`` on ``case``; ``kind`` is "exact" (with the rescaler in ``mode``) or "naive"."""
-    if kind == "naive":
-        module, callbacks = NaiveModule(make_net(), case), []
-    else:
-        module, callbacks = CountingModule(make_net(), case), [SampleCountRescaler(mode=mode)]
-    fit(case, module, callbacks, strategy=strategy, devices=devices, **precision_kwargs(precision))
-    return module.net
+MODULES: dict[str, type[PlannedModule]] = {
+    "deferred": CountingModule,
+    "lookahead": CountingModule,
+    "manual": ManualModule,
+    "naive": NaiveModule,
+    "naive-manual": NaiveManualModule,
+}
+"""The module of each mode of ``cases.MODES``."""
 
 
-def fit_manual_net(case: Case, precision: str = "32-true", strategy: str = "auto", devices: int = 1) -> nn.Module:
-    module = ManualModule(make_net(), case)
-    fixed = Case(plan=case.plan, accumulation=1, epochs=case.epochs)  # the module steps on its own schedule
-    fit(fixed, module, [SampleCountRescaler()], strategy=strategy, devices=devices, **precision_kwargs(precision))
-    return module.net
+def fit_mode(
+    case: Case, mode: str, precision: str = "32-true", seed: int = 0, **fit_kwargs: Any
+) -> tuple[nn.Module, pl.Trainer]:
+    """Fit a fresh ``make_net(seed)`` on ``case`` in ``mode`` (``cases.MODES``) and ``precision``; the trained net
+    and its Trainer. ``fit_kwargs`` go to ``fit`` (strategy, devices, logger, Trainer arguments)."""
+    module = MODULES[mode](make_net(seed), case)
+    callbacks: list[pl.Callback] = []
+    if mode in ("deferred", "lookahead"):
+        callbacks.append(SampleCountRescaler(mode=mode))
+    elif mode == "manual":
+        callbacks.append(SampleCountRescaler())
+    trainer = fit(
+        case, module, callbacks, **precision_kwargs(precision, fit_kwargs.get("accelerator", "cpu")), **fit_kwargs
+    )
+    return module.net, trainer
 
 
 def read_metrics(logger: CSVLogger) -> list[dict[str, str]]:

@@ -1,6 +1,6 @@
 """The example runs that the docs quote still print the quoted metrics (a fresh run, compared in band).
 
-The tests' distances are checked where they are measured (the ``measured`` fixture in tests/conftest.py).
+The tests' distances are checked against the quoted ones in tests/test_measured_figures.py.
 """
 
 from __future__ import annotations

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from cases import Case, make_net, masked_tokens_case
-from fits import CountingModule, ManualModule, fit
+from cases import Case, masked_tokens_case
+from fits import fit_mode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lightning_accum
-from lightning_accum import SampleCountRescaler
 
 PACKAGE = str(Path(lightning_accum.__file__).parent)
 HOST_READ = torch.ops.aten._local_scalar_dense.default
@@ -53,15 +52,8 @@ def float_mask_case() -> Case:
 def test_one_host_read_per_optimizer_step_none_per_micro_batch(case, mode: str) -> None:
     case = case()
     steps = len(case.reference_windows())
-    if mode == "manual":
-        module = ManualModule(make_net(), case)
-        fixed = Case(plan=case.plan, accumulation=1, epochs=case.epochs)
-        with PackageHostReads() as reads:
-            fit(fixed, module, [SampleCountRescaler()])
-    else:
-        module = CountingModule(make_net(), case)
-        with PackageHostReads() as reads:
-            fit(case, module, [SampleCountRescaler(mode=mode)])
+    with PackageHostReads() as reads:
+        fit_mode(case, mode)
     micro_batches = len(case.plan[0]) * case.epochs
     assert micro_batches > steps  # several micro-batches per step, so a per-micro-batch read would show
     assert dict(reads.by_function) == {"finish_window": steps}  # the engine's verdict

@@ -8,18 +8,18 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from cases import (
+    CASES,
     Case,
+    Cell,
     assert_logs_match,
     make_micro_batch,
     make_net,
-    masked_ranks_case,
     reference_distance,
     reference_run,
     varied_case,
 )
-from fits import QUIET_TRAINER, CountingModule, ExactModule, fit, fit_case, read_metrics
+from fits import CountingModule, ExactModule, fit, read_metrics
 from lightning.pytorch.loggers import CSVLogger
-from reference import flat_parameters, relative_distance
 
 from lightning_accum import SampleCountRescaler
 
@@ -27,16 +27,19 @@ from lightning_accum import SampleCountRescaler
 def test_step_and_epoch_logs_are_global_item_means(tmp_path: Path) -> None:
     case = varied_case()
     logger = CSVLogger(tmp_path, name="run", version=0)
-    fit_case(case, exact=True, logger=logger)
+    fit(case, ExactModule(make_net(), case), [SampleCountRescaler()], logger=logger)
     assert_logs_match(read_metrics(logger), reference_run(case), windows_per_epoch=3)
+
+
+DDP_LOGGED = Cell("masked_ranks", "deferred", "32-true", "spawn")
 
 
 @pytest.mark.slow
-def test_ddp_logs_are_not_inflated_by_world_size(tmp_path: Path) -> None:
-    case = masked_ranks_case()
-    logger = CSVLogger(tmp_path, name="run", version=0)
-    fit_case(case, exact=True, strategy="ddp_spawn", devices=2, logger=logger)
-    assert_logs_match(read_metrics(logger), reference_run(case), windows_per_epoch=3)
+@pytest.mark.cells(DDP_LOGGED.id)
+def test_ddp_logs_are_not_inflated_by_world_size(shared_fits) -> None:
+    # The matrix's two-rank fit (shared with test_exactness.py), logged by Lightning's CSVLogger on rank 0.
+    case = CASES[DDP_LOGGED.case]()
+    assert_logs_match(shared_fits.logs(DDP_LOGGED), reference_run(case), windows_per_epoch=3)
 
 
 def test_empty_window_skips_the_update_and_keeps_optimizer_state() -> None:
@@ -47,40 +50,32 @@ def test_empty_window_skips_the_update_and_keeps_optimizer_state() -> None:
         ]
     ]
     case = Case(plan=plan, accumulation=2, epochs=2, optimizer="adamw", lr=0.05)  # window 2 of each epoch is empty
-    trainer_net = make_net()
-    module = ExactModule(trainer_net, case)
-    trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=case.epochs, accumulate_grad_batches=2, callbacks=[SampleCountRescaler()],
-        **QUIET_TRAINER,
-    )  # fmt: skip
+    module = ExactModule(make_net(), case)
     with pytest.warns(UserWarning, match="saw no counted items on any rank"):
-        trainer.fit(module)
+        trainer = fit(case, module, [SampleCountRescaler()])
     adam_steps = {int(state["step"]) for state in trainer.optimizers[0].state.values()}
     assert adam_steps == {4}  # 6 windows, 2 of them empty
-    reference = reference_run(case)
-    assert relative_distance(flat_parameters(trainer_net), reference.parameters, flat_parameters(make_net())) <= 1e-5
+    assert reference_distance(case, module.net) <= 1e-5
 
 
 def test_state_dict_round_trip_and_resume_match_an_uninterrupted_run(tmp_path: Path) -> None:
     case = varied_case(epochs=4)
     first = Case(plan=case.plan, accumulation=case.accumulation, epochs=2)
     module = ExactModule(make_net(), first)
-    kwargs = dict(accelerator="cpu", accumulate_grad_batches=3, **QUIET_TRAINER)
     rescaler = SampleCountRescaler()
-    trainer = pl.Trainer(max_epochs=2, callbacks=[rescaler], **kwargs)
-    trainer.fit(module)
+    trainer = fit(first, module, [rescaler])
     path = tmp_path / "two_epochs.ckpt"
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["callbacks"][rescaler.state_key]
-    assert saved == rescaler.state_dict()
-    assert saved["items_per_micro_batch"] == case.plan[0][0][2].sum().item()  # the first micro-batch's count
+    first_count = float(case.plan[0][0][2].sum())  # the first micro-batch's count: the deferred loss's unit
+    # At an epoch's end: the epoch's mean is logged (its totals start over) and no window is open.
+    assert saved == {"items_per_micro_batch": first_count, "epoch_loss_sum": 0.0, "epoch_items": 0.0, "window": None}
 
     restored = SampleCountRescaler()
     module.case = case
-    pl.Trainer(max_epochs=4, callbacks=[restored], **kwargs).fit(module, ckpt_path=path)
-    assert restored.state_dict()["items_per_micro_batch"] == saved["items_per_micro_batch"]
-    reference = reference_run(case)
-    assert relative_distance(flat_parameters(module.net), reference.parameters, flat_parameters(make_net())) <= 1e-5
+    fit(case, module, [restored], ckpt_path=path)
+    assert restored.state_dict()["items_per_micro_batch"] == first_count  # kept, not recounted at resume
+    assert reference_distance(case, module.net) <= 1e-5
 
 
 class StopInsideWindow(pl.Callback):

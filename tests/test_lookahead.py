@@ -1,4 +1,6 @@
-"""Look-ahead mode: the same exactness matrix as the default mode, without touching the gradients."""
+"""Look-ahead mode's own behaviour: loaders it reads ahead of, a cut last window, its count rule, its refusals.
+
+Its exactness across cases, precisions and strategies is in the matrix (``test_exactness.py``)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,7 @@ from cases import (
     assert_logs_match,
     count_case_items,
     empty_windows_case,
-    last_batch_smaller_case,
     make_net,
-    masked_tokens_case,
     reference_distance,
     reference_run,
     varied_sizes_plan,
@@ -26,34 +26,6 @@ from reference import item_losses
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_accum import SampleCountRescaler
-
-
-def lookahead_error(case: Case, **fit_kwargs) -> float:
-    module = CountingModule(make_net(), case)
-    fit(case, module, [SampleCountRescaler(mode="lookahead")], **fit_kwargs)
-    return reference_distance(case, module.net)
-
-
-@pytest.mark.parametrize("k", range(1, 9))
-def test_last_batch_smaller_any_k(k: int) -> None:
-    assert lookahead_error(last_batch_smaller_case(k)) <= EXACT_TOLERANCE
-
-
-def test_accumulation_schedule_changes_k_between_epochs() -> None:
-    case = Case(plan=varied_sizes_plan(), accumulation={0: 2, 1: 3, 2: 1, 3: 4}, epochs=4)
-    assert lookahead_error(case) <= EXACT_TOLERANCE
-
-
-@pytest.mark.parametrize("clip", [{"clip_norm": 0.3}, {"clip_value": 0.05}], ids=["norm", "value"])
-def test_masks_empty_micro_batch_and_clipping(clip: dict) -> None:
-    case = masked_tokens_case()
-    case.clip_norm, case.clip_value = clip.get("clip_norm"), clip.get("clip_value")
-    assert lookahead_error(case) <= EXACT_TOLERANCE
-
-
-def test_float_mask_and_adamw() -> None:
-    plan = [[(x, y, m.float()) for x, y, m in varied_sizes_plan(tokens=3, keep=0.7)[0]]]
-    assert lookahead_error(Case(plan=plan, accumulation=4, epochs=2, optimizer="adamw", lr=0.05)) <= EXACT_TOLERANCE
 
 
 class PlanStream(IterableDataset):

@@ -1,41 +1,16 @@
-"""Manual optimization: ``sample_backward`` in a user's own loop matches the reference; misuse names the helper."""
+"""Manual optimization: misuse names the helper.
+
+A user's own loop with ``sample_backward`` (``fits.ManualModule``) and its naive control are in the matrix
+(``test_exactness.py``, modes ``manual`` and ``naive-manual``)."""
 
 from __future__ import annotations
 
 import pytest
-from cases import EXACT_TOLERANCE, Case, make_net, masked_tokens_case, reference_distance, tolerance, varied_sizes_plan
-from fits import ManualModule, fit, fit_manual_net
+from cases import Case, make_net, varied_sizes_plan
+from fits import ManualModule, fit
 from reference import item_losses
 
 from lightning_accum import SampleCountRescaler
-
-
-@pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true"])
-def test_own_loop_with_clipping_matches_the_reference(precision: str, measured) -> None:
-    case = masked_tokens_case()  # steps after every 3 micro-batches and at the epoch's end; clip norm 0.5
-    assert measured(reference_distance(case, fit_manual_net(case, precision))) <= tolerance(precision, case)
-
-
-def test_window_length_changing_between_epochs() -> None:
-    case = Case(plan=varied_sizes_plan(tokens=3, keep=0.6), accumulation={0: 2, 1: 3, 2: 1, 3: 4}, epochs=4)
-    assert reference_distance(case, fit_manual_net(case)) <= EXACT_TOLERANCE
-
-
-class NaiveManualModule(ManualModule):
-    def training_step(self, batch, batch_idx: int) -> None:
-        losses, mask = item_losses(self.net, batch)
-        self.manual_backward((losses * mask).sum() / mask.sum().clamp_min(1) / self.case.k_at(self.current_epoch))
-        if (batch_idx + 1) % self.case.k_at(self.current_epoch) == 0 or self.trainer.is_last_batch:
-            optimizer = self.optimizers()
-            optimizer.step()
-            optimizer.zero_grad()
-
-
-def test_naive_manual_loop_is_wrong() -> None:
-    case = masked_tokens_case()
-    module = NaiveManualModule(make_net(), case)
-    fit(Case(plan=case.plan, epochs=case.epochs), module, [])
-    assert reference_distance(case, module.net) > 0.1
 
 
 class SampleLossInManualModule(ManualModule):
