@@ -201,7 +201,7 @@ def test_group_by_length_switch_reaches_the_sampler_and_the_lm_experiment_uses_i
     grouped = ("data=tokens", "data.sampler=global", "data.group_by_length=true")
     dm = instantiate(compose_train(tmp_path, *grouped).data)
     sampler = dm.train_dataloader().batch_sampler
-    assert sampler.lengths == [len(dm.train_set[i]["tokens"]) - 1 for i in range(len(dm.train_set))]
+    assert sampler.lengths.tolist() == [len(dm.train_set[i]["tokens"]) - 1 for i in range(len(dm.train_set))]
     assert sampler.max_tokens is None
     assert dm.val_dataloader().batch_sampler.lengths is None  # validation order is irrelevant: left ungrouped
     budget = instantiate(compose_train(tmp_path, *grouped, "data.max_tokens=2000").data)

@@ -68,8 +68,16 @@ def test_state_dict_round_trip_and_resume_match_an_uninterrupted_run(tmp_path: P
     trainer.save_checkpoint(path)
     saved = torch.load(path, weights_only=False)["callbacks"][rescaler.state_key]
     first_count = float(case.plan[0][0][2].sum())  # the first micro-batch's count: the deferred loss's unit
-    # At an epoch's end: the epoch's mean is logged (its totals start over) and no window is open.
-    assert saved == {"items_per_micro_batch": first_count, "epoch_loss_sum": 0.0, "epoch_items": 0.0, "window": None}
+    # At an epoch's end: the epoch's mean is logged (its totals start over), no window is open, the case's K was in
+    # force and the fit ended at an epoch's end (no stop inside an epoch).
+    assert saved == {
+        "items_per_micro_batch": first_count,
+        "epoch_loss_sum": 0.0,
+        "epoch_items": 0.0,
+        "window": None,
+        "accumulate_grad_batches": case.accumulation,
+        "stopped_inside_epoch": None,
+    }
 
     restored = SampleCountRescaler()
     module.case = case
