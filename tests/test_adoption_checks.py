@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from fits import clean_env
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+from warned import fit_warnings
 
-from lightning_accum import GlobalBatchLoader, GlobalBatchSampler, SampleCountMixin, SampleCountRescaler
+from lightning_accum import GlobalBatchLoader, GlobalBatchSampler, SampleCountMixin
 from lightning_accum.data.checks import warn_about_distributed_sampler
 
 DATA = TensorDataset(torch.randn(12, 4), torch.randn(12, 1))
@@ -49,19 +50,7 @@ def messages(caught: list[warnings.WarningMessage], part: str) -> list[str]:
 
 
 def fit_messages(module: pl.LightningModule) -> list[str]:
-    trainer = pl.Trainer(
-        max_epochs=2,
-        accumulate_grad_batches=2,
-        callbacks=[SampleCountRescaler()],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(module, DataLoader(DATA, batch_size=3))
-    return messages(caught, BATCH_NORM)
+    return fit_warnings(module, DataLoader(DATA, batch_size=3), BATCH_NORM)
 
 
 def test_batch_norm_in_training_mode_warns_once_naming_the_layer() -> None:

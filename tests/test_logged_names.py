@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import warnings
-
 import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from warned import fit_warnings
 
-from lightning_accum import SampleCountMixin, SampleCountRescaler
+from lightning_accum import SampleCountMixin
 
 
 class LogsItsOwn(SampleCountMixin, pl.LightningModule):
@@ -36,26 +35,14 @@ class LogsItsOwn(SampleCountMixin, pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def fit_warnings(module: pl.LightningModule, max_epochs: int = 1, **rescaler) -> list[str]:
+def collision_warnings(module: pl.LightningModule, max_epochs: int = 1, **rescaler: str) -> list[str]:
     """The messages of the collision warnings a short fit of ``module`` raised."""
     data = TensorDataset(torch.randn(12, 3), torch.randn(12, 1))
-    trainer = pl.Trainer(
-        max_epochs=max_epochs,
-        accumulate_grad_batches=2,
-        callbacks=[SampleCountRescaler(**rescaler)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.fit(module, DataLoader(data, batch_size=3))
-    return [str(w.message) for w in caught if "logs the same key" in str(w.message)]
+    return fit_warnings(module, DataLoader(data, batch_size=3), "logs the same key", max_epochs, **rescaler)
 
 
 def test_module_logging_the_step_loss_key_warns_once_with_the_fix() -> None:
-    messages = fit_warnings(LogsItsOwn("train/loss"), max_epochs=2)
+    messages = collision_warnings(LogsItsOwn("train/loss"), max_epochs=2)
     assert len(messages) == 1, messages
     assert "SampleCountRescaler logs 'train/loss' (the item-mean loss of each optimizer step)" in messages[0]
     assert "self.log in training_step" in messages[0]
@@ -64,13 +51,13 @@ def test_module_logging_the_step_loss_key_warns_once_with_the_fix() -> None:
 
 def test_a_forked_key_colliding_with_the_epoch_loss_is_found() -> None:
     """``self.log("train/loss", on_step=True, on_epoch=True)`` logs ``train/loss_epoch``: the rescaler's epoch key."""
-    messages = fit_warnings(LogsItsOwn("train/loss", on_step=True))
+    messages = collision_warnings(LogsItsOwn("train/loss", on_step=True))
     assert any("'train/loss_epoch' (the item-weighted mean loss of the epoch)" in m for m in messages), messages
     assert any("'train/loss' (the item-mean loss" in m for m in messages), messages
 
 
 def test_a_key_logged_at_the_epoch_end_is_found_at_the_next_step() -> None:
-    messages = fit_warnings(LogsItsOwn("train/items", hook="on_train_epoch_end"), max_epochs=2)
+    messages = collision_warnings(LogsItsOwn("train/items", hook="on_train_epoch_end"), max_epochs=2)
     assert len(messages) == 1 and "self.log in on_train_epoch_end" in messages[0], messages
 
 
@@ -79,4 +66,4 @@ RENAMED = {"loss_name": "train/loss_exact"}
 
 @pytest.mark.parametrize(("key", "rescaler"), [("train/acc", {}), ("train/loss", RENAMED)], ids=["other", "renamed"])
 def test_distinct_keys_do_not_warn(key: str, rescaler: dict[str, str]) -> None:
-    assert fit_warnings(LogsItsOwn(key), max_epochs=2, **rescaler) == []
+    assert collision_warnings(LogsItsOwn(key), max_epochs=2, **rescaler) == []
