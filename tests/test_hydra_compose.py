@@ -147,6 +147,13 @@ def test_callbacks_of_the_sample_count_models_hold_one_rescaler(tmp_path, name):
     assert sum(isinstance(c, SampleCountRescaler) for c in callbacks) == 1
 
 
+def test_callbacks_null_names_the_hydra_key(tmp_path):
+    cfg = compose_train(tmp_path, "data=regression", "model=mlp")
+    cfg.callbacks = None  # what `callbacks: null` in a `# @package _global_` debug config composes to
+    with pytest.raises(ValueError, match=r"config's `callbacks` group.*`callbacks: null`.*`callbacks=default`"):
+        build(cfg)
+
+
 @pytest.mark.parametrize("name", options("logger"))
 def test_logger_options_instantiate(tmp_path, name):
     cfg = compose_train(tmp_path, f"logger={name}")
