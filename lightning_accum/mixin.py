@@ -20,7 +20,7 @@ class SampleCountMixin:
     With manual optimization, ``sample_backward(losses, mask)`` replaces ``self.manual_backward(loss)``.
     ``SampleCountRescaler(mode="lookahead")`` counts batches ahead with ``count_items(batch)``.
 
-    Example::
+    Example:
 
         >>> import torch, torch.nn.functional as F
         >>> import lightning.pytorch as pl
@@ -79,7 +79,7 @@ class SampleCountMixin:
         whenever you like; ``optimizer.zero_grad()`` after the step as usual. To clip gradients, call
         ``self.clip_gradients(optimizer, ...)`` in ``on_before_optimizer_step``, which runs after the rescale.
 
-        Example::
+        Example:
 
             >>> import torch, torch.nn.functional as F
             >>> import lightning.pytorch as pl
