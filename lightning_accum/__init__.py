@@ -4,4 +4,6 @@ from lightning_accum.callback import SampleCountRescaler
 from lightning_accum.data import GlobalBatchLoader, GlobalBatchSampler
 from lightning_accum.mixin import SampleCountMixin
 
-__all__ = ["GlobalBatchLoader", "GlobalBatchSampler", "SampleCountMixin", "SampleCountRescaler"]
+__version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it (CHANGELOG.md says what changed)
+
+__all__ = ["GlobalBatchLoader", "GlobalBatchSampler", "SampleCountMixin", "SampleCountRescaler", "__version__"]
