@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+
+import lightning_accum
 
 ROOT = Path(__file__).resolve().parents[1]
 # Packages of the app, dev and docs extras; `pip install lightning-accum` brings none of them.
@@ -51,11 +54,7 @@ def test_wheel_holds_the_library_and_demos_and_imports_without_extras(tmp_path: 
 
 def test_the_version_has_one_source() -> None:
     """``pyproject.toml`` reads ``lightning_accum.__version__``; the installed metadata and CHANGELOG.md agree."""
-    import importlib.metadata
-    import tomllib
-
-    import lightning_accum
-
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "version" not in project and "version" in project["dynamic"], project
     assert importlib.metadata.version("lightning-accum") == lightning_accum.__version__
