@@ -193,12 +193,14 @@ def render_invariance_range() -> str:
     )
 
 
-def take_invariance(sweep_dir: Path) -> None:
-    """Copy a new invariance sweep's ``invariance.md`` and ``invariance.png`` into docs/ (the plot follows)."""
-    for name in ("invariance.md", "invariance.png"):
-        if not (sweep_dir / name).is_file():
-            sys.exit(f"{sweep_dir / name} is missing: run `python scripts/train.py -m experiment=invariance` first")
-        shutil.copyfile(sweep_dir / name, ROOT / "docs" / name)
+def take_invariance(sweep_dir: Path, docs: Path = ROOT / "docs") -> None:
+    """Copy a new invariance sweep's ``invariance.md`` and ``invariance.png`` into ``docs`` (the plot follows)."""
+    names = ("invariance.md", "invariance.png")
+    missing = [str(sweep_dir / name) for name in names if not (sweep_dir / name).is_file()]
+    if missing:
+        sys.exit(f"{', '.join(missing)} missing: run `python scripts/train.py -m experiment=invariance` first")
+    for name in names:
+        shutil.copyfile(sweep_dir / name, docs / name)
 
 
 def render_extras() -> str:
