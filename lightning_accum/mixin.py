@@ -9,6 +9,10 @@ from torch import Tensor
 from lightning_accum.counting import item_mean
 
 
+class MissingRescalerError(RuntimeError):
+    """``sample_loss`` or ``sample_backward`` ran in a fit without a ``SampleCountRescaler`` in its callbacks."""
+
+
 class SampleCountMixin:
     """Mix into a ``LightningModule`` (before it) to return item-weighted losses from ``training_step``.
 
@@ -118,7 +122,7 @@ class SampleCountMixin:
         """The ``SampleCountRescaler`` that attached itself to this module at setup (or an error saying to add one)."""
         rescaler = getattr(self, "_sample_count_rescaler", None)
         if rescaler is None:
-            raise RuntimeError(
+            raise MissingRescalerError(
                 "sample_loss needs a SampleCountRescaler in the Trainer's callbacks, found none. Use "
                 "`Trainer(..., callbacks=[SampleCountRescaler()])`."
             )

@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from lightning_accum import SampleCountMixin, SampleCountRescaler
+from lightning_accum.mixin import MissingRescalerError
 from lightning_accum_app.composition import data_trainer_kwargs, model_kwargs
 from lightning_accum_app.launch import launched_nodes, slurm_tasks
 from lightning_accum_app.sweep import METRICS_FILE
@@ -46,25 +46,11 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, pl.LightningModule, 
             "Set K with `accumulation.k=...` (an int or an epoch -> K mapping), not on the trainer."
         )
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    require_rescaler(model, callbacks)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     trainer = instantiate(
         cfg.trainer, callbacks=callbacks + accumulation.callbacks(), logger=loggers or False, **decided
     )
     return datamodule, model, trainer
-
-
-def require_rescaler(model: pl.LightningModule, callbacks: list[Any]) -> None:
-    """Refuse a ``SampleCountMixin`` model whose composed ``callbacks`` hold no ``SampleCountRescaler``, naming the
-    Hydra key (the library's own error, at the first ``sample_loss``, names the ``Trainer`` argument)."""
-    if isinstance(model, SampleCountMixin) and not any(isinstance(c, SampleCountRescaler) for c in callbacks):
-        raise ValueError(
-            f"{type(model).__name__} returns sample_loss, which needs a SampleCountRescaler in the config's "
-            f"`callbacks` group, but the composed `callbacks` hold {[type(c).__name__ for c in callbacks]} (a "
-            "`callbacks: null` in a debug or experiment config drops it). Keep it: `callbacks=default` or "
-            "`callbacks=minimal` on the command line, or in that config `callbacks: {sample_count_rescaler: "
-            "{_target_: lightning_accum.SampleCountRescaler}}` instead of `callbacks: null`."
-        )
 
 
 def _check_launch(cfg: DictConfig) -> None:
@@ -118,7 +104,15 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     check_num_nodes(cfg.trainer, os.environ)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except MissingRescalerError as error:  # the library names the Trainer argument; here it is a config key
+        raise MissingRescalerError(
+            f"{error} In this app the callbacks come from the config's `callbacks` group, which holds none "
+            "(a `callbacks: null` in a debug or experiment config drops it). Keep it: `callbacks=default` or "
+            "`callbacks=minimal` on the command line, or in that config `callbacks: {sample_count_rescaler: "
+            "{_target_: lightning_accum.SampleCountRescaler}}` instead of `callbacks: null`."
+        ) from error
     metrics = {name: float(value) for name, value in sorted(trainer.callback_metrics.items())}
     if trainer.is_global_zero:
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
