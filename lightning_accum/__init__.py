@@ -5,4 +5,13 @@ from lightning_accum.data import GlobalBatchLoader, GlobalBatchSampler
 from lightning_accum.mixin import SampleCountMixin
 from lightning_accum.preemption import StepBoundaryRequeue
 
-__all__ = ["GlobalBatchLoader", "GlobalBatchSampler", "SampleCountMixin", "SampleCountRescaler", "StepBoundaryRequeue"]
+__version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it (CHANGELOG.md says what changed)
+
+__all__ = [
+    "GlobalBatchLoader",
+    "GlobalBatchSampler",
+    "SampleCountMixin",
+    "SampleCountRescaler",
+    "StepBoundaryRequeue",
+    "__version__",
+]

@@ -20,6 +20,7 @@ from lightning_accum.engines import ENGINES
 from lightning_accum.evaluation import EvaluationMeans
 from lightning_accum.lightning_internals import batch_token, resumed_mid_epoch, upcoming_batches, window_ends_epoch
 from lightning_accum.logged import WindowLogger
+from lightning_accum.module_checks import warn_about_batch_statistics
 from lightning_accum.resume import gather_partial_window, restore_partial_window
 from lightning_accum.run import Run
 from lightning_accum.step_guard import guard_raw_steps
@@ -49,7 +50,7 @@ class SampleCountRescaler(Callback):
         count_items: look-ahead only: ``count_items(batch) -> Tensor``, the number of items the loss mask
             counts in a batch as ``training_step`` receives it; ``None`` uses the module's ``count_items``.
 
-    Example::
+    Example:
 
         >>> import lightning.pytorch as pl
         >>> from lightning_accum.demos import MLPModel, RegressionDataModule
@@ -122,7 +123,7 @@ class SampleCountRescaler(Callback):
         self._step_hook = guard_raw_steps(
             trainer.optimizers[0], lambda: self._engine.stepped_unfinished() and self._hooks_active()
         )
-        warn_about_train_data(trainer.train_dataloader, resumed_mid_epoch(trainer))
+        warn_about_train_data(trainer.train_dataloader, resumed_mid_epoch(trainer), trainer.world_size)
         resplit = continue_loop_counters(trainer)  # a GlobalBatchLoader resumed under another split
         self._continuation.check_start(trainer, resplit)
         if self._restored_window is not None:
@@ -169,6 +170,8 @@ class SampleCountRescaler(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        if self._batch_token is None:  # the fit's first batch: the module's start hooks have set its layers' modes
+            warn_about_batch_statistics(pl_module)
         first, self._batch_token = self._batch_token is None, batch_token(trainer)
         run = self._engine.run
         if first:

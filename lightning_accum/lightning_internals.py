@@ -17,6 +17,8 @@ that lacks a part fails before training instead of training wrong:
   sets a ``GradientAccumulationScheduler``'s K when Lightning resumes mid-epoch without ``on_train_epoch_start``.
 - a fit resumed under another split shifts the epoch loop's micro-batch counters (``batch_progress``) from the
   saved split's micro-batches to the resumed split's (``shift_batch_counters``).
+- a key that the rescaler and another hook both log is found in the active loop's results
+  (``trainer._results``, each entry's ``_Metadata``: ``fx``, ``name``, ``forked_name``).
 """
 
 from __future__ import annotations
@@ -100,9 +102,41 @@ def require_loop_support() -> None:
     wanted = [(_TrainingEpochLoop, "_num_ready_batches_reached"), (_TrainingEpochLoop, "total_batch_idx")]
     wanted += [(_FitLoop, "restarted_mid_epoch"), (_FitLoop, "on_save_checkpoint"), (_FitLoop, "state_dict")]
     wanted.append((GradientAccumulationScheduler, "get_accumulate_grad_batches"))
+    wanted.append((pl.Trainer, "_results"))
     missing = [f"{owner.__name__}.{name}" for owner, name in wanted if not hasattr(owner, name)]
+    try:
+        from lightning.pytorch.trainer.connectors.logger_connector.result import _Metadata
+    except ImportError:
+        missing.append("logger_connector.result._Metadata")
+    else:
+        fields = getattr(_Metadata, "__dataclass_fields__", {})
+        missing += [f"_Metadata.{name}" for name in ("fx", "name") if name not in fields]
+        missing += [] if hasattr(_Metadata, "forked_name") else ["_Metadata.forked_name"]
     if missing:
         raise RuntimeError(_missing_message("SampleCountRescaler", missing, f"Install {SUPPORTED}."))
+
+
+def logged_keys(trainer: pl.Trainer) -> list[tuple[str, str]]:
+    """``(hook, key)`` for every key that ``self.log`` calls in the active loop have logged so far.
+
+    A value logged with both ``on_step`` and ``on_epoch`` appears under its three keys: ``name_step`` and
+    ``name_epoch``, as loggers see them, and ``name``, which ``trainer.callback_metrics`` (monitors) also holds.
+
+    Example::
+
+        >>> logged_keys(pl.Trainer(logger=False, enable_checkpointing=False))  # no loop running
+        []
+    """
+    results = trainer._results
+    if results is None:
+        return []
+    keys = []
+    for entry in results.values():
+        meta = getattr(entry, "meta", None)
+        if meta is not None:
+            names = (meta.name, meta.forked_name(True), meta.forked_name(False))
+            keys += [(meta.fx, key) for key in dict.fromkeys(names)]
+    return keys
 
 
 def batch_token(trainer: pl.Trainer) -> int:

@@ -10,6 +10,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_accum.counting import count_dtype
 from lightning_accum.engines import FinishedWindow
+from lightning_accum.logged_names import LoggedNameCheck
 from lightning_accum.metrics import ItemMeanLoss
 
 
@@ -37,6 +38,7 @@ class WindowLogger:
         self.loss_name, self.items_name, self.epoch_loss_name = loss_name, items_name, epoch_loss_name
         self.prog_bar = prog_bar
         self.epoch_loss = ItemMeanLoss(sync_on_compute=False)
+        self.check_names = LoggedNameCheck(loss_name, items_name, epoch_loss_name)
 
     def start_fit(self, device: torch.device) -> None:
         """Keep the epoch totals on the fit's device, in the counts' dtype."""
@@ -54,16 +56,17 @@ class WindowLogger:
                 "untouched.",
                 category=UserWarning,
             )
-            return
-        self.epoch_loss.update(finished.totals.loss_sum, items)
-        pl_module.log(
-            self.epoch_loss_name,
-            self.epoch_loss,
-            on_step=False,
-            on_epoch=True,
-            batch_size=1,
-            metric_attribute=self.epoch_loss_name,  # the metric is the rescaler's, not a module attribute
-        )
+        else:
+            self.epoch_loss.update(finished.totals.loss_sum, items)
+            pl_module.log(
+                self.epoch_loss_name,
+                self.epoch_loss,
+                on_step=False,
+                on_epoch=True,
+                batch_size=1,
+                metric_attribute=self.epoch_loss_name,  # the metric is the rescaler's, not a module attribute
+            )
+        self.check_names(pl_module.trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch_loss_sum": float(self.epoch_loss.loss_sum), "epoch_items": float(self.epoch_loss.items)}

@@ -10,6 +10,10 @@ from lightning_accum.counting import item_mean
 from lightning_accum.segments import document_losses
 
 
+class MissingRescalerError(RuntimeError):
+    """``sample_loss`` or ``sample_backward`` ran in a fit without a ``SampleCountRescaler`` in its callbacks."""
+
+
 class SampleCountMixin:
     """Mix into a ``LightningModule`` (before it) to return item-weighted losses from ``training_step``.
 
@@ -21,7 +25,7 @@ class SampleCountMixin:
     With manual optimization, ``sample_backward(losses, mask)`` replaces ``self.manual_backward(loss)``.
     ``SampleCountRescaler(mode="lookahead")`` counts batches ahead with ``count_items(batch)``.
 
-    Example::
+    Example:
 
         >>> import torch, torch.nn.functional as F
         >>> import lightning.pytorch as pl
@@ -127,7 +131,7 @@ class SampleCountMixin:
         ``self.clip_gradients(optimizer, ...)`` in ``on_before_optimizer_step``, which runs after the rescale.
         ``weight`` and ``segments`` as in ``sample_loss``.
 
-        Example::
+        Example:
 
             >>> import torch, torch.nn.functional as F
             >>> import lightning.pytorch as pl
@@ -167,7 +171,7 @@ class SampleCountMixin:
         """The ``SampleCountRescaler`` that attached itself to this module at setup (or an error saying to add one)."""
         rescaler = getattr(self, "_sample_count_rescaler", None)
         if rescaler is None:
-            raise RuntimeError(
+            raise MissingRescalerError(
                 "sample_loss needs a SampleCountRescaler in the Trainer's callbacks, found none. Use "
                 "`Trainer(..., callbacks=[SampleCountRescaler()])`."
             )

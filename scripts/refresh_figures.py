@@ -5,6 +5,7 @@
     python scripts/refresh_figures.py --runs     # re-run the example app runs -> docs/figures/runs.json
     python scripts/refresh_figures.py --measure  # re-run the tests that record figures -> measured.json
     python scripts/refresh_figures.py --extras   # fresh venv per install extra -> extras.json (minutes)
+    python scripts/refresh_figures.py --invariance multirun/DAY/TIME  # a new invariance sweep's table and plot
 
 The example runs and the tests' distances are deterministic on a given platform: ``tests/test_figures.py``
 re-runs the example runs, and ``tests/test_measured_figures.py`` (run last) checks every quoted distance that
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,7 @@ from pathlib import Path
 from docs_figures import MEASURED_FILE, ROOT, documents, load, render_text, save
 
 PYTHON = sys.executable
+INVARIANCE_TABLE = ROOT / "docs" / "invariance.md"
 # name -> the app's overrides; tests/test_figures.py re-runs each and compares with docs/figures/runs.json.
 RUNS: dict[str, list[str]] = {
     "default": [],
@@ -175,6 +178,35 @@ def render_naive_range() -> str:
     return f"{min(values):.2f} to {max(values):.2f}"
 
 
+def invariance_distances() -> dict[str, float]:
+    """Each run's distance to the reference run in the invariance sweep's table (docs/invariance.md)."""
+    rows = [
+        line.strip("|").split("|")
+        for line in INVARIANCE_TABLE.read_text().splitlines()
+        if line.startswith("| exact") or line.startswith("| naive")
+    ]
+    return {label.strip(): float(value) for label, value, _ in rows}
+
+
+def render_invariance_range() -> str:
+    distance = invariance_distances()
+    naive = [v for label, v in distance.items() if label.startswith("naive")]
+    exact = [v for label, v in distance.items() if label.startswith("exact")]
+    return (
+        f"naive runs end {min(naive):.2f} to {max(naive):.2f} of the update away, exact runs at most {max(exact):.1e}"
+    )
+
+
+def take_invariance(sweep_dir: Path, docs: Path = ROOT / "docs") -> None:
+    """Copy a new invariance sweep's ``invariance.md`` and ``invariance.png`` into ``docs`` (the plot follows)."""
+    names = ("invariance.md", "invariance.png")
+    missing = [str(sweep_dir / name) for name in names if not (sweep_dir / name).is_file()]
+    if missing:
+        sys.exit(f"{', '.join(missing)} missing: run `python scripts/train.py -m experiment=invariance` first")
+    for name in names:
+        shutil.copyfile(sweep_dir / name, docs / name)
+
+
 def render_extras() -> str:
     data = load("extras")
     if not data:
@@ -186,7 +218,7 @@ def render_extras() -> str:
     lines.append("")
     lines.append(
         f"Fresh venv per row, Python {data['python']} on {data['machine']}, torch {data['rows'][0]['torch']} "
-        "(the CPU wheel; a CUDA build is larger, not measured here); packages counted by `pip list` (pip and "
+        "(the CPU wheel; a CUDA build is larger and was not measured); packages counted by `pip list` (pip and "
         "setuptools included), disk "
         "is the venv's files. Measured by `python scripts/measure_extras.py`."
     )
@@ -200,6 +232,7 @@ def renderers() -> dict[str, Callable[[], str]]:
     table["sweep-summary"] = render_sweep
     table["optuna"] = render_optuna
     table["naive-range"] = render_naive_range
+    table["invariance-range"] = render_invariance_range
     table["extras"] = render_extras
     for path in MEASURE_TESTS:
         table["measured-" + Path(path).stem] = render_measured(path)
@@ -216,12 +249,7 @@ def plot_naive_vs_exact(out: Path = ROOT / "docs" / "naive-vs-exact.png") -> Non
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [
-        line.strip("|").split("|")
-        for line in (ROOT / "docs" / "invariance.md").read_text().splitlines()
-        if line.startswith("| exact") or line.startswith("| naive")
-    ]
-    distance = {label.strip(): float(value) for label, value, _ in rows}
+    distance = invariance_distances()
     splits = [label.removeprefix("exact ") for label in distance if label.startswith("exact ")]
     floor = 1e-9  # the reference split is at distance 0: drawn at the floor of the log scale
     fig, ax = plt.subplots(figsize=(8, 3.6))
@@ -267,7 +295,15 @@ def main() -> None:
     parser.add_argument("--runs", action="store_true", help="re-run the example runs")
     parser.add_argument("--measure", action="store_true", help="re-run the tests that record figures")
     parser.add_argument("--extras", action="store_true", help="measure each install extra (fresh venvs)")
+    parser.add_argument(
+        "--invariance",
+        type=Path,
+        metavar="SWEEP_DIR",
+        help="take invariance.md and invariance.png from this `scripts/train.py -m experiment=invariance` folder",
+    )
     args = parser.parse_args()
+    if args.invariance:
+        take_invariance(args.invariance)
     if args.runs:
         runs: dict[str, object] = {name: run_app(overrides) for name, overrides in RUNS.items()}
         runs["sweep"] = run_sweep(SWEEP)

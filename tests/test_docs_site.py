@@ -2,9 +2,9 @@
 
 Builds ``mkdocs build --strict`` into ``build/site``, opens the home and API pages in Debian's chromium
 through its chromedriver (selenium; nothing downloaded), checks the title, the navigation and that the API
-page documents ``SampleCountRescaler``, and saves screenshots to ``build/site-screenshots/``. Without
-chromium, chromedriver or the ``docs`` extra the test skips, unless ``LIGHTNING_ACCUM_REQUIRE_BROWSER=1``
-(as in .ci/run), where it fails.
+page documents ``SampleCountRescaler`` with its signature and a parameter table (name, type, default), and
+saves screenshots to ``build/site-screenshots/``. Without chromium, chromedriver or the ``docs`` extra the
+test skips, unless ``LIGHTNING_ACCUM_REQUIRE_BROWSER=1`` (as in .ci/run), where it fails.
 """
 
 from __future__ import annotations
@@ -92,9 +92,18 @@ def test_site_builds_strict_and_renders_in_chromium() -> None:
             headings = [h.get_attribute("id") for h in browser.find_elements(By.CSS_SELECTOR, "h2[id]")]
             for name in ("SampleCountRescaler", "SampleCountMixin", "GlobalBatchSampler", "GlobalBatchLoader"):
                 assert f"lightning_accum.{name}" in headings, f"{name} not documented on the API page: {headings}"
-            assert "mode" in browser.find_element(By.ID, "lightning_accum.SampleCountRescaler").find_element(
-                By.XPATH, ".."
-            ).get_attribute("textContent")
+            rescaler = browser.find_element(By.ID, "lightning_accum.SampleCountRescaler").find_element(By.XPATH, "..")
+            signature = rescaler.find_element(By.CSS_SELECTOR, ".doc-signature").get_attribute("textContent")
+            assert 'mode: Literal["deferred", "lookahead"] = "deferred"' in signature, signature
+            rows = {  # the Args: section as a parameter table (Google-style docstrings): name -> (type, default)
+                cells[0].text: (cells[1].text, cells[3].text)
+                for row in rescaler.find_elements(By.CSS_SELECTOR, "table tr.doc-section-item")
+                for cells in [row.find_elements(By.TAG_NAME, "td")]
+                if len(cells) == 4
+            }
+            assert rows.get("loss_name") == ("str", "'train/loss'"), rows
+            assert rows.get("mode", ("", ""))[1] == "'deferred'", rows
+            assert "Example::" not in rescaler.get_attribute("textContent")
             browser.save_screenshot(str(SCREENSHOTS / "api.png"))
         finally:
             browser.quit()

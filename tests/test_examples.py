@@ -36,8 +36,12 @@ def test_pages_show_the_examples_and_figures_verbatim() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["quickstart_classifier", "quickstart_lm"])
 def test_quickstart_runs_as_written(name: str, tmp_path: Path) -> None:
+    """Each quick start asserts what its comments claim (the last step's items) and leaves the folder empty."""
     done = run([sys.executable, str(EXAMPLES / f"{name}.py")], cwd=tmp_path)
     assert "'train/loss'" in done.stdout and "'train/items'" in done.stdout, done.stdout
+    if name == "quickstart_classifier":
+        assert "'train/items': 36.0" in done.stdout, done.stdout  # 100 samples: 64, then 16 + 16 + 4
+    assert list(tmp_path.iterdir()) == [], "the quick start wrote to the working folder"
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from lightning_accum import SampleCountRescaler
 from lightning_accum.demos import ExampleDataModule
-from lightning_accum_app.app import build, check_num_nodes
+from lightning_accum.mixin import MissingRescalerError
+from lightning_accum_app.app import build, check_num_nodes, run_training
 from lightning_accum_app.composition import Accumulation, model_kwargs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -145,6 +146,13 @@ def test_callbacks_of_the_sample_count_models_hold_one_rescaler(tmp_path, name):
     cfg = compose_train(tmp_path, f"callbacks={name}")
     callbacks = [instantiate(c) for c in cfg.callbacks.values()]
     assert sum(isinstance(c, SampleCountRescaler) for c in callbacks) == 1
+
+
+def test_callbacks_null_names_the_hydra_key(tmp_path):
+    cfg = compose_train(tmp_path, "data=regression", "model=mlp", "debug=fast", "logger=csv")
+    cfg.callbacks = None  # what `callbacks: null` in a `# @package _global_` debug config composes to
+    with pytest.raises(MissingRescalerError, match=r"Trainer\(.*config's `callbacks` group.*`callbacks=default`"):
+        run_training(cfg)
 
 
 @pytest.mark.parametrize("name", options("logger"))

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import pytest
+
+import lightning_accum
 
 ROOT = Path(__file__).resolve().parents[1]
 # Packages of the app, dev and docs extras; `pip install lightning-accum` brings none of them.
@@ -35,6 +38,7 @@ def test_wheel_holds_the_library_and_demos_and_imports_without_extras(tmp_path: 
     (wheel,) = tmp_path.glob("lightning_accum-*.whl")
     files = [name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")]
     assert {"lightning_accum/callback.py", "lightning_accum/demos/models.py"} <= set(files)
+    assert "lightning_accum/py.typed" in zipfile.ZipFile(wheel).namelist()  # type checkers read the hints
     assert all(name.startswith("lightning_accum/") for name in files), files  # no app, no tests, no scripts
     proc = subprocess.run(
         [sys.executable, "-c", IMPORT_ALL, str(wheel), ",".join(EXTRAS_ONLY)],
@@ -46,3 +50,12 @@ def test_wheel_holds_the_library_and_demos_and_imports_without_extras(tmp_path: 
     imported, *extras = proc.stdout.split()
     assert int(imported) == len(files)
     assert extras == [], f"importing the package pulls in extras: {extras}"
+
+
+def test_the_version_has_one_source() -> None:
+    """``pyproject.toml`` reads ``lightning_accum.__version__``; the installed metadata and CHANGELOG.md agree."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and "version" in project["dynamic"], project
+    assert importlib.metadata.version("lightning-accum") == lightning_accum.__version__
+    assert f"## {lightning_accum.__version__}" in (ROOT / "CHANGELOG.md").read_text()

@@ -1,4 +1,6 @@
-"""Quick start, token LM: one loss per token, padded tokens masked out, exact means over each step's tokens."""
+"""Quick start, token LM: one loss per token, padding masked out, exact means over each step."""
+
+from functools import partial
 
 import lightning.pytorch as L
 import torch
@@ -21,16 +23,25 @@ class TinyLM(SampleCountMixin, L.LightningModule):
         inputs, target = batch[:, :-1].clamp(min=0), batch[:, 1:]  # next-token prediction
         logits = self.head(self.embed(inputs))  # (batch, length, vocab)
         losses = F.cross_entropy(logits.transpose(1, 2), target, reduction="none", ignore_index=PAD)
-        return self.sample_loss(losses, mask=target != PAD)  # the mean over the step's real tokens
+        return self.sample_loss(losses, mask=target != PAD)  # the mean over the real tokens
 
     def configure_optimizers(self):
         return torch.optim.AdamW(self.parameters(), lr=1e-2)
 
 
 torch.manual_seed(0)
-sequences = [torch.randint(0, 32, (int(n),)) for n in torch.randint(2, 40, (64,))]  # 2 to 39 tokens each
-loader = DataLoader(sequences, batch_size=8, collate_fn=lambda s: pad_sequence(s, batch_first=True, padding_value=PAD))
-# A step weighs every real token of its 4 micro-batches equally; train/items logs the step's token count.
-trainer = L.Trainer(max_epochs=2, accumulate_grad_batches=4, callbacks=[SampleCountRescaler()], logger=False)
+sequences = [torch.randint(0, 32, (int(n),)) for n in torch.randint(2, 40, (64,))]  # 2 to 39 tokens
+pad = partial(pad_sequence, batch_first=True, padding_value=PAD)
+loader = DataLoader(sequences, batch_size=8, collate_fn=pad)  # 8 micro-batches: 2 steps of 4
+# A step weighs every real token of its 4 micro-batches equally; train/items logs its token count.
+trainer = L.Trainer(
+    max_epochs=2,
+    accumulate_grad_batches=4,
+    callbacks=[SampleCountRescaler()],
+    logger=False,
+    enable_checkpointing=False,  # writes nothing to the working folder
+)
 trainer.fit(TinyLM(), loader)
 print({name: round(value.item(), 4) for name, value in trainer.callback_metrics.items()})
+# The last step: the predicted tokens (all but each sequence's first) of the last 32 sequences.
+assert trainer.callback_metrics["train/items"] == sum(len(s) - 1 for s in sequences[32:])

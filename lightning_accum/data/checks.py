@@ -1,4 +1,4 @@
-"""Train data that would silently change what the windows count: reported once, at train start, with the fix."""
+"""Train data that would silently change what the windows count or hold: reported once, at train start, with the fix."""
 
 from __future__ import annotations
 
@@ -90,11 +90,48 @@ def warn_about_padding_index(loader: Any) -> None:
         )
 
 
-def warn_about_train_data(loader: Any, resumed_mid_epoch: bool) -> None:
-    """Warn (rank 0) about train data that changes what the windows count: repeats, a padding index handed to the
-    dataset, or a replayed epoch."""
+def forms_windows(loader: Any) -> bool:
+    """Whether every train loader in ``loader`` (one, or a list, tuple or dict of them) has a window sampler.
+
+    Example:
+        >>> from lightning_accum import GlobalBatchLoader, GlobalBatchSampler
+        >>> forms_windows(GlobalBatchLoader(range(8), GlobalBatchSampler(8, micro_batch_size=2)))
+        True
+        >>> forms_windows([DataLoader(range(8), batch_size=2)])
+        False
+    """
+    loaders = (
+        list(loader.values()) if isinstance(loader, dict) else loader if isinstance(loader, list | tuple) else [loader]
+    )
+    return all(isinstance(getattr(item, "batch_sampler", None), WindowSampler) for item in loaders)
+
+
+def warn_about_distributed_sampler(loader: Any, world_size: int) -> None:
+    """Warn (rank 0) when several ranks train on a loader that deals out samples per rank (Lightning's injected
+    ``DistributedSampler``, or any sampler but a window sampler): the steps then depend on the number of ranks.
+
+    Not when that sampler repeats samples: ``warn_about_repeated_samples`` names the same fix.
+    """
+    if world_size <= 1 or forms_windows(loader) or repeated_samples(loader) is not None:
+        return
+    rank_zero_warn(
+        f"The train loader deals its samples out to the {world_size} ranks itself (Lightning's DistributedSampler, "
+        "which shuffles per rank, or your own sampler), so which samples share an optimizer step depends on the "
+        "number of ranks: each step is the exact item mean of its samples, but the trajectory differs from a run "
+        "on another number of ranks or one process. For the same steps on any number of ranks, return "
+        "GlobalBatchLoader(dataset, GlobalBatchSampler(len(dataset), micro_batch_size, accumulate_grad_batches)) "
+        "from train_dataloader() and set Trainer(use_distributed_sampler=False).",
+        category=UserWarning,
+    )
+
+
+def warn_about_train_data(loader: Any, resumed_mid_epoch: bool, world_size: int = 1) -> None:
+    """Warn (rank 0) about train data that changes what the windows count or which samples share a step:
+    repeats, a padding index handed to the dataset, steps that depend on the number of ranks, or a replayed
+    epoch."""
     warn_about_repeated_samples(loader)
     warn_about_padding_index(loader)
+    warn_about_distributed_sampler(loader, world_size)
     if resumed_mid_epoch:
         warn_unless_loaders_resume(loader)
 

@@ -16,6 +16,7 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from lightning_accum.mixin import MissingRescalerError
 from lightning_accum_app.composition import data_trainer_kwargs, model_kwargs
 from lightning_accum_app.launch import launched_nodes, slurm_tasks
 from lightning_accum_app.sweep import METRICS_FILE
@@ -103,7 +104,15 @@ def run_training(cfg: DictConfig) -> dict[str, float]:
     check_num_nodes(cfg.trainer, os.environ)
     pl.seed_everything(cfg.seed, workers=True)
     datamodule, model, trainer = build(cfg)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    except MissingRescalerError as error:  # the library names the Trainer argument; here it is a config key
+        raise MissingRescalerError(
+            f"{error} In this app the callbacks come from the config's `callbacks` group, which holds none "
+            "(a `callbacks: null` in a debug or experiment config drops it). Keep it: `callbacks=default` or "
+            "`callbacks=minimal` on the command line, or in that config `callbacks: {sample_count_rescaler: "
+            "{_target_: lightning_accum.SampleCountRescaler}}` instead of `callbacks: null`."
+        ) from error
     metrics = {name: float(value) for name, value in sorted(trainer.callback_metrics.items())}
     if trainer.is_global_zero:
         overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []

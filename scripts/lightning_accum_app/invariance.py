@@ -125,10 +125,35 @@ def distance_table(runs: list[SweepRun], reference: SweepRun) -> str:
     return markdown_table(["run", f"distance to `{reference.label}`", "last step's training loss"], rows)
 
 
+def coinciding(runs: list[SweepRun], tolerance: float = 1e-5) -> list[list[str]]:
+    """Labels of the runs whose loss curves coincide (every step within ``tolerance``), groups of two or more.
+
+    Example:
+        >>> import torch
+        >>> run = lambda label, losses: SweepRun(label, True, None, list(enumerate(losses)), torch.zeros(1),
+        ...                                      torch.zeros(1))
+        >>> coinciding([run("a", [2.0, 1.0]), run("b", [2.0, 1.0 + 1e-7]), run("c", [2.0, 1.5])])
+        [['a', 'b']]
+    """
+    groups: list[list[SweepRun]] = []
+    for run in runs:
+        for group in groups:
+            first = group[0].history
+            if len(first) == len(run.history) and all(
+                abs(a[1] - b[1]) <= tolerance * max(1.0, abs(a[1])) for a, b in zip(first, run.history, strict=True)
+            ):
+                group.append(run)
+                break
+        else:
+            groups.append([run])
+    return [[run.label for run in group] for group in groups if len(group) > 1]
+
+
 def plot_invariance(runs: list[SweepRun], reference: SweepRun, path: Path, title: str = "") -> None:
     """Save the PNG: training loss against items seen (left) and its gap to ``reference``'s loss per step (right).
 
-    Exact runs are solid, drawn thick to thin so that coinciding lines stay visible; naive runs are dashed.
+    Exact runs are solid, drawn thick to thin so that coinciding lines stay visible; naive runs are dashed. The
+    plot says which runs coincide (their lines lie on top of each other).
     """
     import matplotlib
 
@@ -156,6 +181,9 @@ def plot_invariance(runs: list[SweepRun], reference: SweepRun, path: Path, title
     ax.set_xlabel("items seen (target tokens, all ranks)")
     ax.set_ylabel("training loss (item mean per optimizer step)")
     ax.legend(fontsize=7, ncol=2)
+    for i, group in enumerate(coinciding([run for run, _ in styles])):
+        note = f"{len(group)} runs coincide (loss within 1e-5 at every step), drawn on top of each other, thick to thin"
+        ax.text(0.01, 0.02 + 0.06 * i, note, transform=ax.transAxes, fontsize=7, va="bottom")
     gap_ax.set_yscale("log")
     gap_ax.set_xlabel("items seen (target tokens, all ranks)")
     gap_ax.set_ylabel(f"|loss - loss of {reference.label}| per step (0 drawn at 1e-9)", fontsize=8)

@@ -1,8 +1,8 @@
-"""LightningCLI with exact accumulation: the callback comes from the config (config.yaml), not from code.
+"""LightningCLI with exact accumulation: the callback comes from the config (config.yaml), not code.
 
     python docs/examples/lightning_cli/cli.py fit --config docs/examples/lightning_cli/config.yaml
 
-Needs ``pip install "lightning-accum[cli]"`` (jsonargparse with signatures, which LightningCLI requires).
+Needs ``pip install "lightning-accum[cli]"`` (jsonargparse with signatures, for LightningCLI).
 """
 
 import lightning.pytorch as L
@@ -15,7 +15,7 @@ from lightning_accum import SampleCountMixin
 
 
 class Regressor(SampleCountMixin, L.LightningModule):
-    """A linear regression whose loss is the exact mean squared error over each optimizer step's samples."""
+    """A linear regression whose loss is the exact mean squared error over each step's samples."""
 
     def __init__(self, features: int = 8, lr: float = 0.05) -> None:
         super().__init__()
@@ -32,7 +32,7 @@ class Regressor(SampleCountMixin, L.LightningModule):
 
 
 class RandomRegression(L.LightningDataModule):
-    """``samples`` points of a seeded linear function; 997 does not divide by any usual batch size."""
+    """``samples`` points of a seeded linear function; 997 divides by no usual batch size."""
 
     def __init__(self, samples: int = 997, features: int = 8, batch_size: int = 32) -> None:
         super().__init__()
