@@ -14,14 +14,14 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_accum.continuation import Continuation
 from lightning_accum.counting import item_mean, masked_sum_and_count
-from lightning_accum.data.checks import require_window_split, warn_about_train_data
-from lightning_accum.data.loader import continue_loop_counters, is_padding
+from lightning_accum.data.checks import warn_about_train_data
+from lightning_accum.data.loader import is_padding
 from lightning_accum.engines import ENGINES
 from lightning_accum.evaluation import EvaluationMeans
 from lightning_accum.lightning_internals import batch_token, resumed_mid_epoch, upcoming_batches, window_ends_epoch
 from lightning_accum.logged import WindowLogger
 from lightning_accum.module_checks import warn_about_batch_statistics
-from lightning_accum.resume import gather_partial_window, restore_partial_window
+from lightning_accum.resume import gather_partial_window
 from lightning_accum.run import Run
 from lightning_accum.step_guard import guard_raw_steps
 from lightning_accum.support import require_one_optimizer, require_supported_fit
@@ -90,7 +90,6 @@ class SampleCountRescaler(Callback):
         self._trainer: pl.Trainer | None = None  # the fit this callback serves, from train start to teardown
         self._batch_token: int | None = None  # the fit loop's batch for which this callback's hooks ran
         self._step_hook: RemovableHandle | None = None
-        self._restored_window: dict[str, Any] | None = None  # a mid-window checkpoint's window, until train start
         self._continuation = Continuation()  # what a checkpoint trained, checked against what a resume runs
 
     @property
@@ -109,7 +108,6 @@ class SampleCountRescaler(Callback):
         )  # before Lightning restores a checkpoint's state into this callback
         self._logger.load_state_dict({"epoch_items": 0})
         self._batch_token = None
-        self._restored_window = None
         self._continuation = Continuation()
         # First in the list, so that every other callback's on_before_optimizer_step (clipping, gradient-norm
         # logging) sees the exact gradient, whatever order the user gave; the module's own hook runs after all.
@@ -124,11 +122,7 @@ class SampleCountRescaler(Callback):
             trainer.optimizers[0], lambda: self._engine.stepped_unfinished() and self._hooks_active()
         )
         warn_about_train_data(trainer.train_dataloader, resumed_mid_epoch(trainer), trainer.world_size)
-        resplit = continue_loop_counters(trainer)  # a GlobalBatchLoader resumed under another split
-        self._continuation.check_start(trainer, resplit)
-        if self._restored_window is not None:
-            window, self._restored_window = self._restored_window, None
-            restore_partial_window(window, trainer, self._engine, self._params())
+        self._continuation.start_fit(trainer, self._engine, self._params())  # a resume continues, or refuses
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if getattr(pl_module, "_sample_count_rescaler", None) is self:
@@ -173,15 +167,7 @@ class SampleCountRescaler(Callback):
         if self._batch_token is None:  # the fit's first batch: the module's start hooks have set its layers' modes
             warn_about_batch_statistics(pl_module)
         first, self._batch_token = self._batch_token is None, batch_token(trainer)
-        run = self._engine.run
-        if first:
-            self._continuation.check_first_batch(trainer, run.automatic)
-        if run.automatic:
-            run.accumulate_grad_batches = trainer.accumulate_grad_batches  # a schedule changes it at epoch starts
-        if run.automatic and (first or batch_idx % run.accumulate_grad_batches == 0):  # where a window starts
-            require_window_split(
-                trainer.train_dataloader, run.accumulate_grad_batches, run.world_size, trainer.global_rank
-            )
+        self._continuation.start_batch(trainer, self._engine.run, batch_idx, first)
         padding = partial(is_padding, trainer.train_dataloader)  # the loader marks its padding micro-batches
         self._engine.start_micro_batch(batch_idx, batch, partial(upcoming_batches, trainer, batch_idx), padding)
 
@@ -227,4 +213,4 @@ class SampleCountRescaler(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._engine.load_state_dict(state_dict)
         self._logger.load_state_dict(state_dict)
-        self._restored_window = state_dict.get("window")
+        self._continuation.window = state_dict.get("window")

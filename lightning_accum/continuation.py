@@ -10,10 +10,15 @@ train start and at the first resumed batch, what Lightning is about to run is co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
+from lightning_accum.data.checks import require_window_split
+from lightning_accum.data.loader import continue_loop_counters
+from lightning_accum.engines import WeightingEngine
 from lightning_accum.lightning_internals import (
     epoch_cut_short,
     reopen_epoch,
@@ -22,6 +27,8 @@ from lightning_accum.lightning_internals import (
     saved_loader_states,
     scheduled_accumulation,
 )
+from lightning_accum.resume import restore_partial_window
+from lightning_accum.run import Run
 
 _FIX = (
     "Train with GlobalBatchLoader(dataset, GlobalBatchSampler(...)), whose position lets the rescaler continue the "
@@ -92,6 +99,7 @@ class Continuation:
         self.carries_window = False  # the checkpoint holds a window's first micro-batches
         self._mid_epoch = False  # Lightning resumes inside an epoch (its on_train_epoch_start is skipped)
         self._stopped: tuple[int, int, int] | None = None  # the fit that just ended stopped inside this epoch
+        self.window: dict[str, Any] | None = None  # a mid-window checkpoint's window (resume.py), until train start
 
     # ---------------------------------------------------------------- the fit that stops
 
@@ -138,6 +146,27 @@ class Continuation:
             f"stopped inside epoch {epoch} (Trainer(max_time=...), max_steps or should_stop), Lightning saved the "
             f"epoch as done, and {why}. {fix}"
         )
+
+    def start_fit(self, trainer: pl.Trainer, engine: WeightingEngine, params: Sequence[torch.nn.Parameter]) -> None:
+        """At ``on_train_start``: move Lightning's counters to a loader resumed under another split, check that
+        Lightning continues at the saved position, and put back the window the checkpoint carried."""
+        self.check_start(trainer, continue_loop_counters(trainer))
+        window, self.window = self.window, None
+        if window is not None:
+            restore_partial_window(window, trainer, engine, params)
+
+    def start_batch(self, trainer: pl.Trainer, run: Run, batch_idx: int, first: bool) -> None:
+        """At each training batch: the resumed fit's K at its first batch (``check_first_batch``), the run's K
+        (a schedule changes it at epoch starts), and the window sampler's split wherever a window starts."""
+        if first:
+            self.check_first_batch(trainer, run.automatic)
+        if not run.automatic:
+            return
+        run.accumulate_grad_batches = trainer.accumulate_grad_batches
+        if first or batch_idx % run.accumulate_grad_batches == 0:
+            require_window_split(
+                trainer.train_dataloader, run.accumulate_grad_batches, run.world_size, trainer.global_rank
+            )
 
     def check_start(self, trainer: pl.Trainer, resplit: tuple[int, int] | None = None) -> None:
         """At ``on_train_start`` of a resumed fit: raise unless Lightning continues at the saved position.
