@@ -14,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from lightning_accum.counting import item_mean, masked_sum_and_count
 from lightning_accum.data.checks import require_window_split, warn_about_train_data
-from lightning_accum.engines import ENGINES
+from lightning_accum.engines import ENGINES, WeightingEngine
 from lightning_accum.lightning_internals import batch_token, resumed_mid_epoch, upcoming_batches, window_ends_epoch
 from lightning_accum.logged import WindowLogger
 from lightning_accum.resume import gather_partial_window, restore_partial_window
@@ -82,6 +82,11 @@ class SampleCountRescaler(Callback):
         self._batch_token: int | None = None  # the fit loop's batch for which this callback's hooks ran
         self._step_hook: RemovableHandle | None = None
         self._restored_window: dict[str, Any] | None = None  # a mid-window checkpoint's window, until train start
+
+    @property
+    def engine(self) -> WeightingEngine:
+        """The weighting engine of the fit (observers such as ``GradientNoiseScale`` attach to it)."""
+        return self._engine
 
     @property
     def state_key(self) -> str:
