@@ -148,7 +148,7 @@ class WeightingEngine(ABC):
         self._finished = True
         finished = FinishedWindow(totals, verdict)
         summed = reduced[WindowTotals.size() + EpochAgreement.size() :].split([len(e) for e in extras])
-        for observer, vector in zip(self.observers, summed):
+        for observer, vector in zip(self.observers, summed, strict=True):
             observer.reduced(vector, finished, [p.grad for p in params if p.grad is not None])
         return finished
 

@@ -44,7 +44,8 @@ class _BucketSquares:
         return torch.zeros((), device=device, dtype=self.dtype) if total is None else total
 
 
-def _squares_then_allreduce(state: _BucketSquares, bucket: Any) -> torch.futures.Future[Tensor]:
+def _squares_then_allreduce(state, bucket):  # type: ignore[no-untyped-def]  # DDP checks real annotations, if any
+    """A DDP communication hook (``state``: ``_BucketSquares``; ``bucket``: a ``GradBucket``)."""
     squares = torch.linalg.vector_norm(bucket.buffer().detach(), dtype=state.dtype).square()
     state.total = squares if state.total is None else state.total + squares
     return allreduce_hook(None, bucket)  # type: ignore[arg-type]  # DDP's default: the world group's mean
@@ -145,7 +146,9 @@ class GradientNoiseScale(Callback):
             self._rescaler.engine.observers.remove(self)
         self._pl_module = None
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if trainer.world_size > 1:
             return
         k = trainer.accumulate_grad_batches

@@ -54,8 +54,9 @@ def small_batch(squared: Tensor, window: WindowTotals, loss_factor: Tensor) -> S
     Example::
 
         >>> window = WindowTotals(*torch.tensor([0.0, 4.0, 2.0, 1.0, 0.5, 0.0], dtype=torch.float64).unbind())
-        >>> small_batch(torch.tensor(1.0, dtype=torch.float64), window, torch.tensor(0.5, dtype=torch.float64))
-        SmallBatchTotals(squares=tensor(1., dtype=torch.float64), inverse_items=tensor(0.2500, ...), batches=tensor(1., ...))
+        >>> small = small_batch(torch.tensor(1.0, dtype=torch.float64), window, torch.tensor(0.5, dtype=torch.float64))
+        >>> small.squares, small.inverse_items, small.batches  # g = 0.5: the accumulated gradient is 0.25 · 4 · mean
+        (tensor(1., dtype=torch.float64), tensor(0.2500, dtype=torch.float64), tensor(1., dtype=torch.float64))
     """
     dtype = window.items.dtype
     valid = (window.items > 0) & (window.outputs > 0) & (window.grad_sum != 0)
