@@ -222,8 +222,9 @@ class NoiseScaleAccumulation(Callback):
     """Raise K at epoch ends while the smoothed noise scale exceeds the global batch, within ``[min_k, max_k]``.
 
     At each epoch's end it reads ``GradientNoiseScale``'s smoothed ``B_simple`` (one host read per epoch) and,
-    if it exceeds the last step's global item count ``N``, sets ``trainer.accumulate_grad_batches`` to
-    ``min(max_k, ceil(K * B_simple / N))`` for the next epoch; it never lowers K. A data module that cuts windows
+    if it exceeds the epoch's largest global item count of a step ``N`` (a full window), sets
+    ``trainer.accumulate_grad_batches`` to ``min(max_k, ceil(K * B_simple / N))`` for the next epoch; it never
+    lowers K. A data module that cuts windows
     (``GlobalBatchSampler``) must build each epoch's loader for ``trainer.accumulate_grad_batches``
     (``Trainer(reload_dataloaders_every_n_epochs=1)``; the demo data modules do with
     ``accumulate_grad_batches=None``). In one process start at ``min_k >= 2``: K = 1 has no small batch.
@@ -245,6 +246,7 @@ class NoiseScaleAccumulation(Callback):
             raise ValueError(f"NoiseScaleAccumulation needs 1 <= min_k <= max_k, got min_k={min_k}, max_k={max_k}.")
         self.min_k, self.max_k = min_k, max_k
         self.history: list[tuple[int, int, float]] = []  # (epoch, K for the next epoch, B_simple read)
+        self._largest = torch.zeros(())  # the epoch's largest step, in items (on the device: no host read)
 
     def _noise(self, trainer: pl.Trainer) -> GradientNoiseScale:
         found = [c for c in trainer.callbacks if isinstance(c, GradientNoiseScale)]  # type: ignore[attr-defined]
@@ -257,10 +259,15 @@ class NoiseScaleAccumulation(Callback):
         if trainer.current_epoch == 0:
             trainer.accumulate_grad_batches = self.min_k
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        items = self._noise(trainer).items
+        self._largest = torch.maximum(self._largest.to(items), items)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         noise = self._noise(trainer)
         k = trainer.accumulate_grad_batches
-        scale, items = float(noise.noise_scale), float(noise.items)  # the one host read of the epoch
+        scale, items = float(noise.noise_scale), float(self._largest)  # the host reads of the epoch
+        self._largest = torch.zeros(())
         if math.isfinite(scale) and items > 0 and scale > items:
             k = max(k, min(self.max_k, math.ceil(k * scale / items)))
         if k != trainer.accumulate_grad_batches:
