@@ -26,9 +26,8 @@ from hydra import compose, initialize_config_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from lightning_accum_app.app import build  # noqa: E402
-
 from lightning_accum import GradientNoiseScale  # noqa: E402
+from lightning_accum_app.app import build  # noqa: E402
 
 KS = (1, 2, 4, 8, 16, 32)
 MICRO_BATCH = 8
