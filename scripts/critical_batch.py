@@ -66,10 +66,10 @@ class StopAtTarget(pl.Callback):
 def run(*overrides: str) -> dict[str, float]:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=critical_batch", f"paths.output_dir={RUNS}", *overrides])
+    pl.seed_everything(cfg.seed, verbose=False)  # the same initial model for every point
     datamodule, model, trainer = build(cfg)
     stop = StopAtTarget()
     trainer.callbacks.append(stop)
-    pl.seed_everything(0, verbose=False)
     trainer.fit(model, datamodule=datamodule)
     if stop.reached is None:
         raise RuntimeError(f"{overrides}: the target loss {TARGET} was not reached in {trainer.max_epochs} epochs")
