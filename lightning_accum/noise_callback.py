@@ -139,7 +139,13 @@ class GradientNoiseScale(Callback):
         self.smoothed.weight = self.smoothed.weight.to(pl_module.device)
         if trainer.world_size > 1:
             self._buckets = _BucketSquares(count_dtype(pl_module.device))
-            trainer.strategy.model.register_comm_hook(self._buckets, _squares_then_allreduce)  # type: ignore[union-attr]
+            try:
+                trainer.strategy.model.register_comm_hook(self._buckets, _squares_then_allreduce)  # type: ignore[union-attr]
+            except RuntimeError as err:
+                raise RuntimeError(
+                    "GradientNoiseScale reads each rank's gradient in a DDP communication hook, and this model "
+                    f"already has one ({err}). Remove DDPStrategy(ddp_comm_hook=...) or GradientNoiseScale."
+                ) from err
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit" and self._rescaler is not None and self in self._rescaler.engine.observers:
