@@ -230,7 +230,6 @@ class FrozenLinearRegression(SampleCountMixin, pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
-@pytest.mark.slow  # 600 steps: about 20 s
 def test_frozen_linear_regression_converges_to_the_closed_form() -> None:
     noise = GradientNoiseScale(smoothing=CONVERGENCE_SMOOTHING)
     trainer = pl.Trainer(
