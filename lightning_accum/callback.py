@@ -16,7 +16,7 @@ from lightning_accum.continuation import Continuation
 from lightning_accum.counting import item_mean, masked_sum_and_count
 from lightning_accum.data.checks import warn_about_train_data
 from lightning_accum.data.loader import is_padding
-from lightning_accum.engines import ENGINES
+from lightning_accum.engines import ENGINES, WeightingEngine
 from lightning_accum.evaluation import EvaluationMeans
 from lightning_accum.lightning_internals import batch_token, resumed_mid_epoch, upcoming_batches, window_ends_epoch
 from lightning_accum.logged import WindowLogger
@@ -91,6 +91,11 @@ class SampleCountRescaler(Callback):
         self._batch_token: int | None = None  # the fit loop's batch for which this callback's hooks ran
         self._step_hook: RemovableHandle | None = None
         self._continuation = Continuation()  # what a checkpoint trained, checked against what a resume runs
+
+    @property
+    def engine(self) -> WeightingEngine:
+        """The weighting engine of the fit (observers such as ``GradientNoiseScale`` attach to it)."""
+        return self._engine
 
     @property
     def state_key(self) -> str:

@@ -28,7 +28,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -62,6 +62,20 @@ def no_padding(position: int) -> bool:
     return False
 
 
+class WindowObserver(Protocol):
+    """Adds packed quantities of its own to the step's one all-reduce and reads them back summed over ranks.
+
+    ``engine.observers`` holds them; ``finish_window`` concatenates each observer's ``local_totals`` after the
+    window's totals (no second collective) and hands back the reduced slice once the gradients are final.
+    """
+
+    def local_totals(self, local: WindowTotals) -> Tensor:
+        """This rank's 1-D vector (``local``'s device and dtype, a fixed length per observer)."""
+
+    def reduced(self, summed: Tensor, finished: FinishedWindow, grads: list[Tensor]) -> None:
+        """The vector summed over ranks, the finished window, and the step's final gradients."""
+
+
 @dataclass(frozen=True)
 class FinishedWindow:
     """A finished window's global totals (over all ranks) and its verdict."""
@@ -89,6 +103,7 @@ class WeightingEngine(ABC):
 
     def __init__(self) -> None:
         self.window = ItemWindow()
+        self.observers: list[WindowObserver] = []
         self.begin_fit(Run.single_process())
 
     def begin_fit(self, run: Run) -> None:
@@ -172,9 +187,10 @@ class WeightingEngine(ABC):
         device = self.run.device
         local = self.window.take(device, count_dtype(device))
         agreement = EpochAgreement.of_rank(ends_epoch, epoch_batches, local.device, local.dtype)
-        reduced = self.run.reduce_sum(torch.cat([local, agreement.pack()]))
+        extras = [observer.local_totals(WindowTotals.unpack(local)) for observer in self.observers]
+        reduced = self.run.reduce_sum(torch.cat([local, agreement.pack(), *extras]))
         totals = WindowTotals.unpack(reduced[: WindowTotals.size()])
-        agreement = EpochAgreement.unpack(reduced[WindowTotals.size() :])
+        agreement = EpochAgreement.unpack(reduced[WindowTotals.size() : WindowTotals.size() + EpochAgreement.size()])
         verdict = Verdict(int(Verdict.of(**self._flags(totals, agreement))))  # the one host read per step
         self._raise_for(verdict, totals, agreement)
         if verdict & Verdict.EMPTY:
@@ -183,7 +199,11 @@ class WeightingEngine(ABC):
         else:
             self._rescale([p.grad for p in params if p.grad is not None], totals, verdict)
         self._finished = True
-        return FinishedWindow(totals, verdict)
+        finished = FinishedWindow(totals, verdict)
+        summed = reduced[WindowTotals.size() + EpochAgreement.size() :].split([len(e) for e in extras])
+        for observer, vector in zip(self.observers, summed, strict=True):
+            observer.reduced(vector, finished, [p.grad for p in params if p.grad is not None])
+        return finished
 
     def stepped_unfinished(self) -> bool:
         """After an optimizer step: True if it stepped without ``finish_window`` (its gradient was not rescaled)."""
@@ -208,6 +228,10 @@ class WeightingEngine(ABC):
     @abstractmethod
     def _loss(self, loss_sum: Tensor, items: Tensor) -> Tensor:
         """The mode's micro-batch loss."""
+
+    @abstractmethod
+    def loss_factor(self) -> Tensor:
+        """``c``: the running window's micro-batch losses are ``c * S_b`` (a backward adds ``c * g * grad(S_b)``)."""
 
     def _expected_items(self) -> Callable[[], Tensor] | None:
         """What a backward of the current micro-batch adds to ``expected_items`` (called when it runs); None: 0."""
@@ -270,6 +294,10 @@ class DeferredEngine(WeightingEngine):
             self._unit = self.run.reduce_mean(items.clone()).clamp_min(1.0)
         self._unit = self._unit.to(device=items.device, dtype=items.dtype)  # a checkpoint restores it on the CPU
         return deferred_loss(loss_sum, self._unit)
+
+    def loss_factor(self) -> Tensor:
+        assert self._unit is not None, "a micro-batch loss was computed"
+        return 1.0 / self._unit
 
     def _rescale(self, grads: list[Tensor], totals: WindowTotals, verdict: Verdict) -> None:
         assert self._unit is not None, "a window with counted items had a micro-batch loss"
@@ -374,6 +402,10 @@ class LookaheadEngine(WeightingEngine):
             raise RuntimeError("batch_loss was called outside a look-ahead window (no training batch started).")
         factor = (self._k * self.run.world_size) / self._window_batches
         return term * factor.to(device=term.device, dtype=term.dtype)
+
+    def loss_factor(self) -> Tensor:
+        assert self._window_items is not None, "a micro-batch loss was computed"
+        return lookahead_loss_factor(self._k, self.run.world_size, self._window_items)
 
     def _expected_items(self) -> Callable[[], Tensor] | None:
         assert self._counts is not None, "a loss is computed inside a counted window"

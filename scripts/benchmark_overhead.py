@@ -2,7 +2,8 @@
 
 Fits the demo ``CausalLM`` (a stacked GRU next-token model, a few million parameters on the CPU) on
 variable-length padded token sequences with K = 8, with naive accumulation (the user's usual micro-batch
-mean loss, logged in ``training_step``), the default (deferred) mode and look-ahead mode, in one process
+mean loss, logged in ``training_step``), the default (deferred) mode, look-ahead mode and the default mode with
+``GradientNoiseScale`` beside it (``deferred+noise``), in one process
 and on 2 DDP ranks (gloo on the CPU). Every fit runs in a fresh process; modes alternate within every
 repeat, in a rotating order, so that load drifts hit every mode alike. At the end one table gives, per
 configuration and mode, the time per optimizer step (steady state: the fit's first steps and its start-up
@@ -61,13 +62,13 @@ from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
-from lightning_accum import SampleCountRescaler
+from lightning_accum import GradientNoiseScale, SampleCountRescaler
 from lightning_accum.demos import CausalLM
 from lightning_accum.demos.collate import PadCollate
 from lightning_accum.demos.datasets import TokenSequenceDataset
 from lightning_accum.scaling import scale_gradients_  # the one import that may move with the library's layout
 
-MODES = ("naive", "deferred", "lookahead")
+MODES = ("naive", "deferred", "lookahead", "deferred+noise")  # the last: deferred with GradientNoiseScale
 MIB = 2**20
 Results = dict[tuple[int, str], list[dict[str, float]]]  # (ranks, mode) -> one dict of figures per repeat
 
@@ -166,7 +167,11 @@ def fit_once(mode: str, ranks: int, device: str, size: Size) -> dict[str, float]
                         collate_fn=PadCollate(pad_id=0))  # fmt: skip
     model = build_model(mode, size)
     clock = StepClock(size.warmup, size.steps)
-    callbacks: list[Callback] = [clock] if mode == "naive" else [clock, SampleCountRescaler(mode=mode)]
+    callbacks: list[Callback] = [clock]
+    if mode != "naive":
+        callbacks.append(SampleCountRescaler(mode=mode.removesuffix("+noise")))
+    if mode.endswith("+noise"):
+        callbacks.append(GradientNoiseScale())
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu", devices=ranks, strategy="ddp" if ranks > 1 else "auto",
         precision=size.precision, max_epochs=1, limit_train_batches=batches, limit_val_batches=0,

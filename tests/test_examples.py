@@ -91,3 +91,11 @@ def test_readme_links_resolve() -> None:
     assert targets, "no links found"
     broken = [t for t in targets if not (ROOT / t).exists()]
     assert not broken, f"README links to missing files: {broken}"
+
+
+@pytest.mark.slow
+def test_noise_scale_example_logs_the_noise_scale(tmp_path: Path) -> None:
+    done = run([sys.executable, str(EXAMPLES / "noise_scale.py")], cwd=tmp_path)
+    for key in ("'train/noise_scale'", "'train/noise_scale_grad_squared'", "'train/noise_scale_trace'"):
+        assert key in done.stdout, done.stdout
+    assert "B_simple = " in done.stdout and "nan" not in done.stdout, done.stdout

@@ -36,7 +36,7 @@ def compose_train(tmp_path: Path, *overrides: str, hydra_config: bool = False) -
 def test_every_group_has_its_options():
     assert set(options("data")) >= {"regression", "digits", "tokens"}
     assert set(options("model")) >= {"mlp", "causal_lm"}
-    assert set(options("accumulation")) == {"none", "fixed", "schedule"}
+    assert set(options("accumulation")) == {"none", "fixed", "schedule", "noise_scale"}
     assert set(options("trainer")) >= {"cpu", "ddp_cpu", "gpu", "ddp_gpu", "torchrun", "slurm"}
     assert set(options("logger")) >= {"csv", "tensorboard"}
     assert set(options("hydra/launcher")) >= {"parallel", "slurm"}

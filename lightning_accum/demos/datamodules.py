@@ -33,7 +33,8 @@ class ExampleDataModule(pl.LightningDataModule):
     Args:
         micro_batch_size: samples per micro-batch on one rank.
         sampler: ``"default"`` or ``"global"`` (see the module docstring).
-        accumulate_grad_batches: the run's K, an int or an epoch -> K mapping.
+        accumulate_grad_batches: the run's K, an int or an epoch -> K mapping; ``None``: the Trainer's K when each
+            epoch's loader is built (a K that a callback such as ``NoiseScaleAccumulation`` sets).
         shuffle: shuffle the training samples each epoch.
         seed: seed of the global sampler's shuffle.
         num_workers: ``DataLoader`` worker processes.
@@ -43,7 +44,7 @@ class ExampleDataModule(pl.LightningDataModule):
         self,
         micro_batch_size: int = 32,
         sampler: SamplerKind = "default",
-        accumulate_grad_batches: AccumulationK = 1,
+        accumulate_grad_batches: AccumulationK | None = 1,
         shuffle: bool = True,
         seed: int = 0,
         num_workers: int = 0,
@@ -55,7 +56,7 @@ class ExampleDataModule(pl.LightningDataModule):
             raise ValueError(f"sampler must be 'default' or 'global', got {sampler!r}.")
         self.micro_batch_size = micro_batch_size
         self.sampler = sampler
-        self.accumulate_grad_batches = normalize_k(accumulate_grad_batches)
+        self.accumulate_grad_batches = None if accumulate_grad_batches is None else normalize_k(accumulate_grad_batches)
         self.shuffle = shuffle
         self.seed = seed
         self.num_workers = num_workers
@@ -94,7 +95,7 @@ class ExampleDataModule(pl.LightningDataModule):
         batch_sampler = GlobalBatchSampler(
             len(dataset),
             self.micro_batch_size,
-            accumulate_grad_batches=k_at_epoch(self.accumulate_grad_batches, epoch) if train else 1,
+            accumulate_grad_batches=self._train_k(epoch) if train else 1,
             num_replicas=world_size,
             rank=rank,
             shuffle=train and self.shuffle,
@@ -106,6 +107,11 @@ class ExampleDataModule(pl.LightningDataModule):
             # into a placeholder with valid=False, which the validation metrics exclude.
             return DataLoader(dataset, batch_sampler=batch_sampler, **common)
         return GlobalBatchLoader(dataset, batch_sampler, **common)
+
+    def _train_k(self, epoch: int) -> int:
+        if self.accumulate_grad_batches is not None:
+            return k_at_epoch(self.accumulate_grad_batches, epoch)
+        return 1 if self.trainer is None else self.trainer.accumulate_grad_batches
 
     def train_dataloader(self) -> DataLoader:
         self.setup()

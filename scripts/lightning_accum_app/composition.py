@@ -11,6 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 
+from lightning_accum import GradientNoiseScale, NoiseScaleAccumulation
 from lightning_accum.demos import ExampleDataModule, TokenSequenceDataModule
 from lightning_accum.demos.schedule import AccumulationK, normalize_k
 
@@ -21,7 +22,9 @@ class Accumulation:
     An int K sets ``Trainer(accumulate_grad_batches=K)``. A mapping ``{epoch: K}`` adds a
     ``GradientAccumulationScheduler`` and leaves the Trainer's ``accumulate_grad_batches`` at 1 (the
     scheduler refuses anything else); it also rebuilds the train dataloader each epoch so a sampler
-    that groups micro-batches into windows sees the new K.
+    that groups micro-batches into windows sees the new K. ``k=None`` with ``noise_scale={"min_k", "max_k",
+    "smoothing"}`` lets K follow the gradient noise scale (``GradientNoiseScale`` and ``NoiseScaleAccumulation``);
+    the data module then reads the Trainer's K each epoch.
 
     Example::
 
@@ -32,21 +35,38 @@ class Accumulation:
         {'accumulate_grad_batches': 1, 'reload_dataloaders_every_n_epochs': 1}
         >>> type(scheduled.callbacks()[0]).__name__
         'GradientAccumulationScheduler'
+        >>> following = Accumulation(None, noise_scale={"min_k": 2, "max_k": 16, "smoothing": 0.9})
+        >>> following.trainer_kwargs()
+        {'accumulate_grad_batches': 2, 'reload_dataloaders_every_n_epochs': 1}
+        >>> [type(c).__name__ for c in following.callbacks()]
+        ['GradientNoiseScale', 'NoiseScaleAccumulation']
     """
 
-    def __init__(self, k: AccumulationK = 1) -> None:
-        self.k = normalize_k(k)
+    def __init__(self, k: AccumulationK | None = 1, noise_scale: dict[str, Any] | None = None) -> None:
+        if (k is None) == (noise_scale is None):
+            raise ValueError("Set either `k` (an int or an epoch -> K mapping) or `noise_scale` with k=None.")
+        self.k = None if k is None else normalize_k(k)
+        self.noise_scale = None if noise_scale is None else dict(noise_scale)
 
     def trainer_kwargs(self) -> dict[str, Any]:
         """Arguments this K fixes on the Trainer; the trainer config must not set them."""
+        if self.noise_scale is not None:
+            return {"accumulate_grad_batches": self.noise_scale["min_k"], "reload_dataloaders_every_n_epochs": 1}
         if isinstance(self.k, int):
             return {"accumulate_grad_batches": self.k}
         return {"accumulate_grad_batches": 1, "reload_dataloaders_every_n_epochs": 1}
 
     def callbacks(self) -> list[Callback]:
-        """The scheduler callback for an epoch -> K mapping, none for a fixed K."""
+        """The scheduler callback for an epoch -> K mapping, none for a fixed K; the noise-scale pair."""
+        if self.noise_scale is not None:
+            follow = self.noise_scale
+            return [
+                GradientNoiseScale(smoothing=follow.get("smoothing", 0.99)),
+                NoiseScaleAccumulation(min_k=follow["min_k"], max_k=follow["max_k"]),
+            ]
         if isinstance(self.k, int):
             return []
+        assert self.k is not None
         return [GradientAccumulationScheduler(scheduling=dict(self.k))]
 
 
