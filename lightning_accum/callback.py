@@ -50,7 +50,7 @@ class SampleCountRescaler(Callback):
         count_items: look-ahead only: ``count_items(batch) -> Tensor``, the number of items the loss mask
             counts in a batch as ``training_step`` receives it; ``None`` uses the module's ``count_items``.
 
-    Example:
+    Examples:
 
         >>> import lightning.pytorch as pl
         >>> from lightning_accum.demos import MLPModel, RegressionDataModule

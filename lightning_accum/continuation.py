@@ -39,7 +39,7 @@ _FIX = (
 def micro_batches(first: int, end: int, epoch: int, in_epoch: int) -> str:
     """Name the micro-batches ``first .. end - 1`` of ``epoch``.
 
-    Example:
+    Examples:
         >>> micro_batches(3, 7, epoch=1, in_epoch=7)
         'micro-batches 3..6 of epoch 1 (4 of its 7)'
         >>> micro_batches(3, 4, epoch=1, in_epoch=7)
@@ -84,7 +84,7 @@ def _misplaced(saved_epoch: int, delivered: int, epoch: int, batch: int, in_epoc
 class Continuation:
     """The rescaler's record of what a checkpoint trained, saved with its state and checked at resume.
 
-    Example:
+    Examples:
         >>> continuation = Continuation()
         >>> continuation.load({"loops": {}}, {"accumulate_grad_batches": 2, "stopped_inside_epoch": None})
         >>> continuation.saved_k

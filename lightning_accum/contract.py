@@ -41,7 +41,7 @@ def backward_problem(loss: Tensor, outputs: Sequence[Node]) -> GraphProblem | No
     """The problem with backpropagating ``loss``, given the ``grad_fn`` of the ``sample_loss`` outputs since the
     last backward (those with a graph); ``None`` if it propagates into the parameters through them alone.
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.ones(3, requires_grad=True)
         >>> a, b = (w * 2).sum(), (w * 3).sum()
@@ -83,7 +83,7 @@ def gradient_totals(grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def weights_differ(totals: WindowTotals) -> Tensor:
     """True (0-dim bool) when the window's outputs, on all ranks, were backpropagated with different weights.
 
-    Example:
+    Examples:
         >>> import torch
         >>> def window(*gs):
         ...     parts = [torch.stack(gradient_totals(torch.tensor(g, dtype=torch.float64))) for g in gs]
@@ -103,7 +103,7 @@ class BackwardContract:
     ``module_name`` and ``helper`` (``"sample_loss"``, or ``"sample_backward"`` under manual optimization) name
     what the messages point at.
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.ones(2, requires_grad=True)
         >>> contract = BackwardContract("Model")

@@ -17,7 +17,7 @@ def validate_item_losses(losses: Tensor, mask: Tensor | None) -> None:
     Checks that need no host synchronisation run here; the 0/1 check of a non-bool mask is queued on
     the device (``torch._assert_async``) so it costs no sync on an accelerator.
 
-    Example:
+    Examples:
         >>> validate_item_losses(torch.tensor(0.5), None)
         Traceback (most recent call last):
         ...
@@ -59,7 +59,7 @@ def require_shape_of(losses: Tensor, name: str, value: object, hint: str) -> Non
     """Raise unless ``value`` (the argument ``name``) is a tensor of the shape of ``losses``; ``hint`` says what
     to pass.
 
-    Example:
+    Examples:
         >>> require_shape_of(torch.ones(2, 3), "mask", torch.ones(2), "one entry per item loss")
         Traceback (most recent call last):
         ...
@@ -79,7 +79,7 @@ def validate_weight(losses: Tensor, weight: Tensor) -> None:
     Negative, ``nan`` and infinite weights are refused by a check queued on the device (``torch._assert_async``:
     no host synchronisation on an accelerator; on the CPU it raises at once).
 
-    Example:
+    Examples:
         >>> validate_weight(torch.ones(3), torch.tensor([1.0, -0.5, 2.0]))
         Traceback (most recent call last):
         ...
@@ -98,7 +98,7 @@ def validate_weight(losses: Tensor, weight: Tensor) -> None:
 def count_dtype(device: torch.device) -> torch.dtype:
     """The dtype of item counts on ``device``: float64 (exact to 2**53 items), float32 on MPS, which lacks float64.
 
-    Example:
+    Examples:
         >>> count_dtype(torch.device("cpu")), count_dtype(torch.device("mps"))
         (torch.float64, torch.float32)
     """
@@ -119,7 +119,7 @@ def masked_sum_and_count(
     gradients upstream (``0 * inf``), so keep masked inputs finite (e.g. pad with a valid token). The count
     is a float64 tensor on the losses' device (float32 on MPS).
 
-    Example:
+    Examples:
         >>> losses = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, float("nan")]])
         >>> mask = torch.tensor([[True, True, False], [True, False, False]])
         >>> masked_sum_and_count(losses, mask)
@@ -154,7 +154,7 @@ def item_mean(losses: Tensor, mask: Tensor | None = None, weight: Tensor | None 
     weights summing to 0) has no mean: it gives ``nan``, with a zero gradient, so a backward of it (the
     Tuner's) changes nothing.
 
-    Example:
+    Examples:
         >>> losses = torch.tensor([1.0, 2.0, 6.0], requires_grad=True)
         >>> item_mean(losses, torch.tensor([True, False, True]))
         tensor(3.5000, grad_fn=<WhereBackward0>)

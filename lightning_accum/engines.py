@@ -270,7 +270,7 @@ class DeferredEngine(WeightingEngine):
     ``u`` is the global mean item count of the run's first micro-batch (one all-reduce per fit); it only sets
     the backward's magnitude (for fp16) and is kept in checkpoints.
 
-    Example:
+    Examples:
         >>> w = torch.ones(2, requires_grad=True)
         >>> engine = DeferredEngine()
         >>> engine.begin_fit(Run.single_process(accumulate_grad_batches=2))
@@ -322,7 +322,7 @@ class LookaheadEngine(WeightingEngine):
     but never backpropagated (a skipped batch, an epoch ended early) are missing from the gradient; the step
     then rescales it by ``N_counted / N_carried``.
 
-    Example:
+    Examples:
         >>> w = torch.ones(2, requires_grad=True)
         >>> engine = LookaheadEngine()
         >>> run = Run.single_process(accumulate_grad_batches=2)

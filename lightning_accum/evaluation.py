@@ -20,7 +20,7 @@ class EvaluationMeans:
     """Per stage (validation, test) the set's item-weighted mean loss, logged under ``val_loss_name`` /
     ``test_loss_name`` at the epoch's end (all ranks' items pooled).
 
-    Example:
+    Examples:
         >>> EvaluationMeans("val/item_loss", "val/item_loss")
         Traceback (most recent call last):
         ...

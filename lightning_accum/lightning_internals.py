@@ -40,7 +40,7 @@ def _missing_message(feature: str, missing: list[str], fix: str) -> str:
 def require_lookahead_support(trainer: pl.Trainer) -> None:
     """Raise unless this Lightning lets look-ahead mode read batches ahead of its fit loop.
 
-    Example:
+    Examples:
         >>> require_lookahead_support(pl.Trainer(logger=False, enable_checkpointing=False))
     """
     missing = []
@@ -90,7 +90,7 @@ def upcoming_batches(trainer: pl.Trainer, batch_idx: int, n: int) -> list[Any]:
 def require_loop_support() -> None:
     """Raise unless this Lightning's loops expose what the rescaler reads at every step and at resume.
 
-    Example:
+    Examples:
         >>> require_loop_support()
     """
     from lightning.pytorch.callbacks import GradientAccumulationScheduler
@@ -120,7 +120,7 @@ def logged_keys(trainer: pl.Trainer) -> list[tuple[str, str]]:
     A value logged with both ``on_step`` and ``on_epoch`` appears under its three keys: ``name_step`` and
     ``name_epoch``, as loggers see them, and ``name``, which ``trainer.callback_metrics`` (monitors) also holds.
 
-    Example:
+    Examples:
         >>> logged_keys(pl.Trainer(logger=False, enable_checkpointing=False))  # no loop running
         []
     """
@@ -174,7 +174,7 @@ def reopen_epoch(checkpoint: dict[str, Any]) -> None:
     epoch, so ``fit(ckpt_path=...)`` restarts mid-epoch, restores the train loader's position and continues
     after the last batch run. Call it before Lightning restores its loops (a callback's ``on_load_checkpoint``).
 
-    Example:
+    Examples:
         >>> progress = {"ready": 2, "started": 2, "processed": 2, "completed": 2}
         >>> saved = {"loops": {"fit_loop": {"epoch_progress": {"total": dict(progress), "current": dict(progress)}}}}
         >>> reopen_epoch(saved)
@@ -230,7 +230,7 @@ def window_ends_epoch(trainer: pl.Trainer) -> bool:
 def require_stateful_loader_support(loader: DataLoader) -> None:
     """Raise unless this Lightning saves and restores ``loader``'s ``state_dict`` in its checkpoints.
 
-    Example:
+    Examples:
         >>> class Stateful(DataLoader):
         ...     def state_dict(self): return {}
         ...     def load_state_dict(self, state): pass
@@ -255,7 +255,7 @@ def tensor_parallel_size(strategy: Any) -> int:
     """The tensor-parallel size of a ``ModelParallelStrategy`` (its ``_tensor_parallel_size``, resolved from
     ``"auto"`` in ``setup_environment``); 1 for any other strategy.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch.strategies import ModelParallelStrategy
         >>> tensor_parallel_size(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
         1
@@ -279,7 +279,7 @@ def tensor_parallel_size(strategy: Any) -> int:
 def ddp_static_graph(strategy: Any) -> bool:
     """Whether a ``DDPStrategy`` wraps the model with ``static_graph=True`` (its ``_ddp_kwargs``); False otherwise.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch.strategies import DDPStrategy
         >>> ddp_static_graph(DDPStrategy(static_graph=True)), ddp_static_graph(DDPStrategy())
         (True, False)
@@ -306,7 +306,7 @@ _COUNTERS = ("ready", "started", "processed", "completed")
 def require_batch_counter_support(trainer: pl.Trainer) -> None:
     """Raise unless the epoch loop counts micro-batches in ``batch_progress.current`` and ``.total`` as expected.
 
-    Example:
+    Examples:
         >>> require_batch_counter_support(pl.Trainer(logger=False, enable_checkpointing=False))
     """
     progress = getattr(trainer.fit_loop.epoch_loop, "batch_progress", None)
@@ -330,7 +330,7 @@ def shift_batch_counters(trainer: pl.Trainer, saved: int, resumed: int) -> None:
     them, reads the same stage; the optimizer-step counters (``global_step``, ``_batches_that_stepped``, the
     schedulers') count steps and stay. Call it before the epoch loop resets (``on_train_start``).
 
-    Example:
+    Examples:
         >>> trainer = pl.Trainer(logger=False, enable_checkpointing=False)
         >>> trainer.fit_loop.epoch_loop.batch_progress.current.ready = 8  # 2 steps of K=4 ...
         >>> shift_batch_counters(trainer, saved=8, resumed=2)  # ... are 2 steps of K=1
@@ -354,7 +354,7 @@ def requeue_signal(trainer: pl.Trainer) -> int | None:
     """The signal on which Lightning saves an HPC checkpoint and requeues the Slurm job, or ``None`` when the fit's
     cluster environment is not ``SLURMEnvironment(auto_requeue=True)`` (read from ``_accelerator_connector``).
 
-    Example:
+    Examples:
         >>> requeue_signal(pl.Trainer(logger=False, enable_checkpointing=False)) is None  # outside Slurm
         True
     """

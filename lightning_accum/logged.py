@@ -20,7 +20,7 @@ class WindowLogger:
     The epoch mean is a torchmetrics ``Metric`` of the per-step global totals: already summed over ranks by the
     step's all-reduce, so it does not sync again (and rank 0's state in a checkpoint is the global one).
 
-    Example:
+    Examples:
         >>> WindowLogger("train/loss", "train/items", "train/loss")
         Traceback (most recent call last):
         ...

@@ -18,7 +18,7 @@ MEANINGS = {
 def collision_message(argument: str, key: str, hooks: list[str]) -> str:
     """What a key logged both by the rescaler (as ``argument``) and in ``hooks`` means, and the fix.
 
-    Example:
+    Examples:
         >>> print(collision_message("loss_name", "train/loss", ["training_step"]))  # doctest: +ELLIPSIS
         SampleCountRescaler logs 'train/loss' (the item-mean loss of each optimizer step), and self.log in \
 training_step logs the same key: ... SampleCountRescaler(loss_name='train/loss_exact') ...
@@ -42,7 +42,7 @@ class LoggedNameCheck:
         items_name: its key of the per-step item count.
         epoch_loss_name: its key of the epoch's item-weighted mean loss.
 
-    Example:
+    Examples:
         >>> check = LoggedNameCheck("train/loss", "train/items", "train/loss_epoch")
         >>> check.collisions([("on_before_optimizer_step", "train/loss"), ("training_step", "train/acc")])
         {}

@@ -17,7 +17,7 @@ from torch import Tensor
 class PeekableIterator(Iterator):
     """An iterator that can read ``n`` items ahead and still yields every item once, in order.
 
-    Example:
+    Examples:
         >>> it = PeekableIterator(iter("abcde"))
         >>> it.peek(3)
         ['a', 'b', 'c']
@@ -54,7 +54,7 @@ class PeekableIterator(Iterator):
 def as_count(count: Any, device: torch.device, dtype: torch.dtype) -> Tensor:
     """``count_items``'s result as a 0-dim tensor on ``device``; anything but one number is refused.
 
-    Example:
+    Examples:
         >>> as_count(3, torch.device("cpu"), torch.float64)
         tensor(3., dtype=torch.float64)
         >>> as_count(torch.tensor([2, 1]), torch.device("cpu"), torch.float64)

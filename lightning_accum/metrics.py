@@ -15,7 +15,7 @@ class ItemMeanLoss(Metric):
     ``update`` only adds on the device: no host read. ``MeanMetric(nan_strategy="disable")``, the other way to
     skip its host-side nan check, drops the weights in torchmetrics 1.7 to 1.9 and so is not used.
 
-    Example:
+    Examples:
         >>> metric = ItemMeanLoss()
         >>> metric.update(torch.tensor(6.0), torch.tensor(4.0))   # a window of 4 items, mean loss 1.5
         >>> metric.update(torch.tensor(1.0), torch.tensor(1.0))   # a window of 1 item, loss 1.0

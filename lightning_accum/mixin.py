@@ -25,7 +25,7 @@ class SampleCountMixin:
     With manual optimization, ``sample_backward(losses, mask)`` replaces ``self.manual_backward(loss)``.
     ``SampleCountRescaler(mode="lookahead")`` counts batches ahead with ``count_items(batch)``.
 
-    Example:
+    Examples:
 
         >>> import torch, torch.nn.functional as F
         >>> import lightning.pytorch as pl
@@ -131,7 +131,7 @@ class SampleCountMixin:
         ``self.clip_gradients(optimizer, ...)`` in ``on_before_optimizer_step``, which runs after the rescale.
         ``weight`` and ``segments`` as in ``sample_loss``.
 
-        Example:
+        Examples:
 
             >>> import torch, torch.nn.functional as F
             >>> import lightning.pytorch as pl

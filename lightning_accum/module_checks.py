@@ -11,7 +11,7 @@ def batch_statistics_layers(module: torch.nn.Module) -> list[str]:
     """``"name (type)"`` of every batch-normalization layer of ``module`` in training mode (it normalizes an item
     with its micro-batch's statistics).
 
-    Example:
+    Examples:
         >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.LayerNorm(4))
         >>> batch_statistics_layers(net)
         ['1 (BatchNorm1d)']

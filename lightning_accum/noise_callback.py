@@ -77,7 +77,7 @@ class GradientNoiseScale(Callback):
         grad_squared_name: key of the smoothed ``|G|²``.
         trace_name: key of the smoothed ``tr(Σ)``.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> from lightning_accum import SampleCountRescaler
         >>> from lightning_accum.demos import MLPModel, RegressionDataModule
@@ -238,7 +238,7 @@ class NoiseScaleAccumulation(Callback):
         min_k: the K of the first epoch.
         max_k: the largest K it sets.
 
-    Example:
+    Examples:
         >>> NoiseScaleAccumulation(min_k=4, max_k=2)
         Traceback (most recent call last):
         ...

@@ -35,7 +35,7 @@ class SmallBatchTotals(Packed):
 def squared_norm(grads: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     """``sum |g|²`` over ``grads`` in ``dtype`` (one fused norm; no host synchronisation).
 
-    Example:
+    Examples:
         >>> squared_norm([torch.tensor([3.0]), torch.tensor([4.0, 0.0])], torch.float64)
         tensor(25., dtype=torch.float64)
     """
@@ -50,7 +50,7 @@ def small_batch(squared: Tensor, window: WindowTotals, loss_factor: Tensor) -> S
     Each backward added ``loss_factor * g * grad(S_b)`` (``g = grad_sum / outputs``, what reached the loss), so
     the item-mean gradient is the accumulated one divided by ``loss_factor * g * items``. No items: zeros.
 
-    Example:
+    Examples:
         >>> window = WindowTotals(*torch.tensor([0.0, 4.0, 2.0, 1.0, 0.5, 0.0, 0.0, 0.0], dtype=torch.float64).unbind())
         >>> small = small_batch(torch.tensor(1.0, dtype=torch.float64), window, torch.tensor(0.5, dtype=torch.float64))
         >>> small.squares, small.inverse_items, small.batches  # g = 0.5: the accumulated gradient is 0.25 · 4 · mean
@@ -71,7 +71,7 @@ def small_batch(squared: Tensor, window: WindowTotals, loss_factor: Tensor) -> S
 def noise_estimates(small: SmallBatchTotals, big_squared: Tensor, big_items: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(|G|², tr(Σ), valid)`` of one step (module docstring); not ``valid`` without a smaller small batch.
 
-    Example:
+    Examples:
         >>> small = SmallBatchTotals(torch.tensor(2 * 5.0), torch.tensor(2 / 4.0), torch.tensor(2.0))
         >>> noise_estimates(small, torch.tensor(3.0), torch.tensor(8.0))  # |G|² = 1, tr(Σ) = 16
         (tensor(1.), tensor(16.), tensor(True))
@@ -91,7 +91,7 @@ class SmoothedNoiseScale:
 
     Steps without a valid estimate leave them unchanged; before the first they are ``nan``.
 
-    Example:
+    Examples:
         >>> smoothed = SmoothedNoiseScale(0.5)
         >>> smoothed.update(torch.tensor(1.0), torch.tensor(4.0), torch.tensor(True))
         >>> smoothed.update(torch.tensor(3.0), torch.tensor(0.0), torch.tensor(False))

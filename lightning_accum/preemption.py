@@ -32,7 +32,7 @@ class StepBoundaryRequeue(Callback):
     Slurm) and ``#SBATCH --signal=USR1@<seconds>`` or ``scancel --signal=USR1 <job>``. Outside Slurm, or with
     ``auto_requeue=False``, it does nothing.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch.plugins.environments import SLURMEnvironment
         >>> callbacks = [SampleCountRescaler(), StepBoundaryRequeue()]  # doctest: +SKIP
         >>> trainer = pl.Trainer(callbacks=callbacks, plugins=[SLURMEnvironment(auto_requeue=True)])  # doctest: +SKIP

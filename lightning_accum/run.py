@@ -39,7 +39,7 @@ class Run:
     ``module_name`` and ``helper`` (``"sample_loss"`` or ``"sample_backward"``) name what error messages point at;
     ``count_items(batch)`` is look-ahead mode's count rule.
 
-    Example:
+    Examples:
         >>> run = Run.single_process(accumulate_grad_batches=4)
         >>> run.world_size, run.helper, run.reduce_sum(torch.tensor(3.0))
         (1, 'sample_loss', tensor(3.))

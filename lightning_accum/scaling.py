@@ -30,7 +30,7 @@ def _require_positive(accumulate_grad_batches: int, world_size: int) -> None:
 def deferred_loss(loss_sum: Tensor, items_per_micro_batch: Tensor) -> Tensor:
     """Deferred mode: the micro-batch loss ``S_b / u`` (exact once the window is rescaled).
 
-    Example:
+    Examples:
         >>> deferred_loss(torch.tensor(12.0), torch.tensor(8.0, dtype=torch.float64))
         tensor(1.5000)
     """
@@ -42,7 +42,7 @@ def window_rescale_factor(
 ) -> Tensor:
     """Deferred mode: ``K * R * u / N``, the factor that turns the accumulated gradient into the item mean.
 
-    Example:
+    Examples:
         >>> # K=4 micro-batches of about u=8 items on R=2 ranks, but the window held only 40 items
         >>> window_rescale_factor(4, 2, torch.tensor(8.0), torch.tensor(40.0))
         tensor(1.6000)
@@ -56,7 +56,7 @@ def lookahead_loss_factor(accumulate_grad_batches: int, world_size: int, global_
     (1/R), contributes exactly its share of the window's item mean. An empty window (``N = 0``) gives ``K * R``
     (its loss sums are all zero).
 
-    Example:
+    Examples:
         >>> lookahead_loss_factor(4, 2, torch.tensor(40.0))
         tensor(0.2000)
     """
@@ -69,7 +69,7 @@ def scale_gradients_(grads: Iterable[Tensor], factor: Tensor) -> None:
 
     No gradient is copied. ``factor`` is a 0-dim tensor, so no host synchronisation happens.
 
-    Example:
+    Examples:
         >>> g1, g2 = torch.ones(3), torch.full((2, 2), 2.0)
         >>> scale_gradients_([g1, g2], torch.tensor(0.5))
         >>> g1, g2

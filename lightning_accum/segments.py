@@ -22,7 +22,7 @@ def document_losses(token_losses: Tensor, mask: Tensor | None, segments: Tensor)
     the mean loss over that row's counted tokens of document ``d``; a document without counted tokens is masked
     out. No host synchronisation: the id range check is queued on the device.
 
-    Example:
+    Examples:
         >>> losses = torch.tensor([[1.0, 3.0, 5.0, 0.0], [2.0, 2.0, 4.0, 6.0]])
         >>> segments = torch.tensor([[0, 0, 1, 2], [0, 1, 1, 1]])
         >>> mask = torch.tensor([[True, True, True, False], [True, True, True, True]])

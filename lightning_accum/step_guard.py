@@ -21,7 +21,7 @@ def guard_raw_steps(optimizer: torch.optim.Optimizer, stepped_unfinished: Callab
     A step post-hook, because in 32-bit Lightning runs the closure (and so ``on_before_optimizer_step``) inside
     ``optimizer.step``, after its pre-hooks.
 
-    Example:
+    Examples:
         >>> weight = torch.nn.Parameter(torch.ones(1))
         >>> optimizer = torch.optim.SGD([weight], lr=0.1)
         >>> handle = guard_raw_steps(optimizer, lambda: True)

@@ -59,7 +59,7 @@ WHAT_WORKS = (
 def shards_gradients(strategy: Strategy) -> bool:
     """True under FSDP (either version): each rank holds a shard of every gradient, not the whole of it.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
         >>> shards_gradients(FSDPStrategy()), shards_gradients(SingleDeviceStrategy("cpu"))
         (True, False)
@@ -70,7 +70,7 @@ def shards_gradients(strategy: Strategy) -> bool:
 def require_supported_strategy(strategy: Strategy) -> None:
     """Raise unless the rescale can see the summed gradients of ``strategy`` before its optimizer step.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch.strategies import SingleDeviceStrategy
         >>> require_supported_strategy(SingleDeviceStrategy("cpu"))
     """
@@ -107,7 +107,7 @@ def require_supported_strategy(strategy: Strategy) -> None:
 def largest_accumulation(trainer: pl.Trainer) -> int:
     """The largest K of the fit: the Trainer's, or the largest of a ``GradientAccumulationScheduler``'s schedule.
 
-    Example:
+    Examples:
         >>> trainer = pl.Trainer(callbacks=[GradientAccumulationScheduler({0: 1, 2: 4})], logger=False,
         ...                      enable_checkpointing=False)
         >>> largest_accumulation(trainer)
@@ -129,7 +129,7 @@ def require_no_static_graph_accumulation(trainer: pl.Trainer) -> None:
     graph does not allow: PyTorch's reducer stops with an internal assert (``expect_autograd_hooks_``) at the
     window's last backward, with or without the rescaler.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch.strategies import DDPStrategy
         >>> trainer = pl.Trainer(strategy=DDPStrategy(static_graph=True), accumulate_grad_batches=2, logger=False,
         ...                      enable_checkpointing=False)
@@ -151,7 +151,7 @@ def require_no_static_graph_accumulation(trainer: pl.Trainer) -> None:
 def require_supported_precision(plugin: Precision) -> None:
     """Raise unless ``plugin`` is one of Lightning's 64/32-true, 16/bf16-mixed, 16/bf16-true or FSDP plugins.
 
-    Example:
+    Examples:
         >>> from lightning.pytorch.plugins.precision import HalfPrecision
         >>> require_supported_precision(HalfPrecision("bf16-true"))
     """

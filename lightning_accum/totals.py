@@ -26,7 +26,7 @@ def _field_names(cls: type) -> tuple[str, ...]:
 class Packed:
     """Base of a dataclass whose fields are 0-dim tensors, packed into one vector in declaration order.
 
-    Example:
+    Examples:
         >>> totals = WindowTotals.zeros(torch.device("cpu"), torch.float64)
         >>> WindowTotals.unpack(totals.pack() + 2.0).items
         tensor(2., dtype=torch.float64)
@@ -97,7 +97,7 @@ class EpochAgreement(Packed):
 
         Filled from host scalars without a host-to-device copy (no synchronisation on an accelerator).
 
-        Example:
+        Examples:
             >>> EpochAgreement.of_rank(True, 7.0, torch.device("cpu"), torch.float64).batches_squared
             tensor(49., dtype=torch.float64)
         """
@@ -128,7 +128,7 @@ class Verdict(IntFlag):
     def of(**flags: Tensor) -> Tensor:
         """The verdict of 0-dim bool tensors named after the flags, as a 0-dim int tensor (no host read).
 
-        Example:
+        Examples:
             >>> Verdict(int(Verdict.of(EMPTY=torch.tensor(True), WEIGHTS_DIFFER=torch.tensor(False))))
             <Verdict.EMPTY: 1>
         """

@@ -11,7 +11,7 @@ from lightning_accum.totals import WindowTotals
 class ItemWindow:
     """Sums ``WindowTotals`` over a window's backward passes, on the device, without host synchronisation.
 
-    Example:
+    Examples:
         >>> window = ItemWindow()
         >>> one = torch.ones(WindowTotals.size(), dtype=torch.float64)
         >>> window.add(one)

@@ -55,7 +55,7 @@ from lightning_accum.demos.text import CharVocab, stdlib_docstring_lines
 def text_pieces(count: int, median: float, sigma: float, longest: int, seed: int) -> list[str]:
     """``count`` consecutive pieces of the stdlib docstrings with ``exp(N(log median, sigma))`` characters.
 
-    Example:
+    Examples:
         >>> pieces = text_pieces(50, median=20, sigma=1.0, longest=200, seed=0)
         >>> len(pieces), max(map(len, pieces)) <= 200, min(map(len, pieces)) >= 2
         (50, True, True)
@@ -80,7 +80,7 @@ def hf_megabatch_multiple(samples: int, batch_size: int) -> int:
 def hf_length_grouped_indices(order: Sequence[int], lengths: Sequence[int], batch_size: int) -> list[int]:
     """Hugging Face's ``get_length_grouped_indices`` on a given permutation ``order`` (its ``randperm``).
 
-    Example:
+    Examples:
         >>> hf_length_grouped_indices([0, 1, 2, 3, 4, 5], [1, 5, 2, 9, 3, 4], batch_size=1)  # megabatches of 1
         [3, 1, 2, 0, 4, 5]
     """

@@ -5,7 +5,7 @@ Every number the docs quote about this package sits between ``<!-- figures:NAME 
 ``python scripts/refresh_figures.py``, which also regenerates the JSON (see its ``--help``). Code examples are
 included the same way between ``<!-- include:PATH -->`` and ``<!-- /include -->`` from the file at PATH.
 
-Example:
+Examples:
     >>> within_band(quoted=0.49, fresh=0.4903), within_band(quoted=0.49, fresh=0.52)
     (True, False)
     >>> within_band(quoted=2.7e-7, fresh=1.9e-7), within_band(quoted=2.7e-7, fresh=3e-5)

@@ -16,7 +16,7 @@ from lightning_accum.data.sampler import GlobalBatchSampler
 def repeated_samples(loader: Any) -> tuple[int, int, int] | None:
     """``(repeated, dataset size, ranks)`` when ``loader``'s ``DistributedSampler`` pads its shards with repeats.
 
-    Example:
+    Examples:
         >>> sampler = DistributedSampler(range(7), num_replicas=2, rank=0, shuffle=False)
         >>> repeated_samples(DataLoader(range(7), sampler=sampler))
         (1, 7, 2)
@@ -57,7 +57,7 @@ def may_pad(sampler: GlobalBatchSampler) -> bool:
     Only a last, partial window pads: ungrouped, when it holds fewer samples than micro-batches; grouped by
     length, whenever there is one (a grouping may leave a micro-batch empty).
 
-    Example:
+    Examples:
         >>> may_pad(GlobalBatchSampler(5, 2, num_replicas=2, rank=0)), may_pad(GlobalBatchSampler(5, 2))
         (True, False)
     """
@@ -91,7 +91,7 @@ def warn_about_padding_index(loader: Any) -> None:
 def forms_windows(loader: Any) -> bool:
     """Whether every train loader in ``loader`` (one, or a list, tuple or dict of them) has a window sampler.
 
-    Example:
+    Examples:
         >>> from lightning_accum import GlobalBatchLoader, GlobalBatchSampler
         >>> forms_windows(GlobalBatchLoader(range(8), GlobalBatchSampler(8, micro_batch_size=2)))
         True

@@ -44,7 +44,7 @@ class GlobalBatchLoader(DataLoader):
     position in the epoch; ``is_padding(position)`` answers for the batches delivered, and
     ``SampleCountRescaler`` counts those micro-batches as 0 items in both modes.
 
-    Example:
+    Examples:
         >>> loader = GlobalBatchLoader(list(range(10)), GlobalBatchSampler(10, 2, shuffle=False))
         >>> batches = iter(loader)
         >>> next(batches).tolist(), next(batches).tolist()
@@ -182,7 +182,7 @@ def is_padding(loader: Any, position: int) -> bool:
 
     Only a ``GlobalBatchLoader`` delivers padding micro-batches; any other loader's batches are all real.
 
-    Example:
+    Examples:
         >>> is_padding([[1, 2]], 0)
         False
     """
@@ -194,7 +194,7 @@ def continue_loop_counters(trainer: Any) -> tuple[int, int] | None:
 
     Returns the (saved, resumed) micro-batches of the shift, or ``None`` when no loader changed its split.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> continue_loop_counters(pl.Trainer(logger=False, enable_checkpointing=False))  # no train loader: nothing
     """

@@ -31,7 +31,7 @@ _CHUNK = 1 << 16
 def draw_permutation(n: int, seed: int) -> torch.Tensor:
     """``randperm(n)`` seeded by ``seed``, as ``int32`` when the indices fit (the same order as ``int64``).
 
-    Example:
+    Examples:
         >>> generator = torch.Generator().manual_seed(3)
         >>> draw_permutation(6, seed=3).tolist() == torch.randperm(6, generator=generator).tolist()
         True
@@ -43,7 +43,7 @@ def draw_permutation(n: int, seed: int) -> torch.Tensor:
 class BackgroundDraw:
     """``draw_permutation(n, seed)`` on a background (non-daemon) thread.
 
-    Example:
+    Examples:
         >>> draw = BackgroundDraw(5, seed=1)
         >>> draw.result().tolist() == draw_permutation(5, seed=1).tolist()
         True
@@ -75,7 +75,7 @@ class LazyShuffle:
 
     Memory holds the indices served and the positions the swaps displaced, not ``n`` entries.
 
-    Example:
+    Examples:
         >>> lazy = LazyShuffle(1000, seed=5)
         >>> lazy.take(0, 4) + lazy.take(4, 6) == draw_permutation(1000, seed=5)[:6].tolist()
         True
@@ -111,7 +111,7 @@ class EpochOrder:
         draw: the background draw of this permutation, for large ``n`` (``None`` draws it at once).
         on_ready: called once when a background permutation is ready (to draw the next epoch's ahead).
 
-    Example:
+    Examples:
         >>> EpochOrder(5, seed=None).take(1, 3)
         [1, 2]
         >>> EpochOrder(5, seed=1).take(0, 5) == draw_permutation(5, seed=1).tolist()

@@ -12,7 +12,7 @@ class WindowSampler(Protocol):
     ``SampleCountRescaler`` calls ``require_split`` where a window starts, with the Trainer's K, world size and
     rank; a sampler built for another split raises there, naming the fix. ``GlobalBatchSampler`` is one.
 
-    Example:
+    Examples:
         >>> from lightning_accum.data import GlobalBatchSampler
         >>> isinstance(GlobalBatchSampler(10, 2), WindowSampler)
         True

@@ -14,7 +14,7 @@ class PadCollate:
     ``input_ids`` are the tokens without the last, ``targets`` the tokens without the first; both are
     right-padded with ``pad_id``. ``mask`` is ``True`` on the real target positions.
 
-    Example:
+    Examples:
         >>> collate = PadCollate(pad_id=0)
         >>> batch = collate([{"tokens": torch.tensor([1, 5, 6, 2]), "valid": torch.tensor(True)},
         ...                  {"tokens": torch.tensor([1, 7, 2]), "valid": torch.tensor(True)}])

@@ -127,7 +127,7 @@ class RegressionDataModule(ExampleDataModule):
 
     The default sizes (997 train, 211 validation) are primes, so no usual batch size divides them.
 
-    Example:
+    Examples:
         >>> dm = RegressionDataModule(num_samples=10, num_val_samples=3, num_features=4, micro_batch_size=4)
         >>> batch = next(iter(dm.train_dataloader()))
         >>> batch["x"].shape, batch["y"].shape, batch["valid"].all().item()
@@ -166,7 +166,7 @@ class RegressionDataModule(ExampleDataModule):
 class DigitsDataModule(ExampleDataModule):
     """scikit-learn's bundled 8x8 digits (1797 real images, no download), pixels scaled to [0, 1].
 
-    Example:
+    Examples:
         >>> dm = DigitsDataModule(num_val_samples=297, micro_batch_size=64)
         >>> dm.setup()
         >>> len(dm.train_set), len(dm.val_set)
@@ -201,7 +201,7 @@ class TokenSequenceDataModule(ExampleDataModule):
     same trajectory under exact item weighting. ``max_tokens`` then bounds each micro-batch's padded tokens
     instead of its samples.
 
-    Example:
+    Examples:
         >>> dm = TokenSequenceDataModule(micro_batch_size=8, max_chars=32)
         >>> batch = next(iter(dm.train_dataloader()))
         >>> batch["input_ids"].shape == batch["mask"].shape, bool((batch["mask"].sum(1) <= 33).all())

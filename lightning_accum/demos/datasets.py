@@ -20,7 +20,7 @@ from lightning_accum.data.sampler import PAD_INDEX
 class FeatureDataset(Dataset):
     """Pairs of feature vectors ``x`` and targets ``y``, one dict per sample.
 
-    Example:
+    Examples:
         >>> ds = FeatureDataset(torch.ones(3, 2), torch.tensor([0, 1, 2]))
         >>> ds[1]["y"], ds[1]["valid"]
         (tensor(1), tensor(True))
@@ -49,7 +49,7 @@ class TokenSequenceDataset(Dataset):
 
     The placeholder for index ``-1`` is two ``pad_id`` tokens (one next-token target).
 
-    Example:
+    Examples:
         >>> ds = TokenSequenceDataset([torch.tensor([1, 5, 6, 2]), torch.tensor([1, 7, 2])], pad_id=0)
         >>> ds[1]
         {'tokens': tensor([1, 7, 2]), 'valid': tensor(True)}
@@ -70,7 +70,7 @@ class TokenSequenceDataset(Dataset):
     def lengths(self) -> list[int]:
         """Each sample's padded width after ``PadCollate``: its number of next-token targets, ``len(tokens) - 1``.
 
-        Example:
+        Examples:
             >>> TokenSequenceDataset([torch.tensor([1, 5, 6, 2]), torch.tensor([1, 7, 2])], pad_id=0).lengths()
             [3, 2]
         """

@@ -33,7 +33,7 @@ class MLPModel(SampleCountMixin, pl.LightningModule):
         hidden_sizes: widths of the hidden layers.
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_: true`` optimizer); AdamW(1e-3) if ``None``.
 
-    Example:
+    Examples:
         >>> model = MLPModel(in_features=4, out_features=3, hidden_sizes=[8])
         >>> model(torch.zeros(2, 4)).shape
         torch.Size([2, 3])
@@ -81,7 +81,7 @@ class MLPModel(SampleCountMixin, pl.LightningModule):
     def count_items(self, batch: dict[str, Tensor]) -> Tensor:
         """The samples ``training_step`` counts: the valid ones (for ``SampleCountRescaler(mode="lookahead")``).
 
-        Example:
+        Examples:
             >>> MLPModel(in_features=2, out_features=3).count_items({"valid": torch.tensor([True, False, True])})
             tensor(2)
         """
@@ -114,7 +114,7 @@ class CausalLM(SampleCountMixin, pl.LightningModule):
         num_layers: stacked GRU layers.
         optimizer: ``params -> Optimizer``; AdamW(1e-3) if ``None``.
 
-    Example:
+    Examples:
         >>> lm = CausalLM(vocab_size=11, pad_id=0, embed_dim=4, hidden_size=8)
         >>> lm(torch.zeros(2, 5, dtype=torch.long)).shape
         torch.Size([2, 5, 11])
@@ -155,7 +155,7 @@ class CausalLM(SampleCountMixin, pl.LightningModule):
     def count_items(self, batch: dict[str, Tensor]) -> Tensor:
         """The tokens ``training_step`` counts (for ``SampleCountRescaler(mode="lookahead")``).
 
-        Example:
+        Examples:
             >>> batch = {"mask": torch.tensor([[True, True], [True, False]]), "valid": torch.tensor([True, False])}
             >>> CausalLM(vocab_size=5).count_items(batch)
             tensor(2)

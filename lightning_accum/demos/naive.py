@@ -16,7 +16,7 @@ class NaiveCausalLM(CausalLM):
     window's global item-mean loss and item count under the keys ``SampleCountRescaler`` uses
     (``train/loss``, ``train/items``), so naive and exact runs are plotted on the same axes.
 
-    Example:
+    Examples:
         >>> lm = NaiveCausalLM(vocab_size=5, embed_dim=2, hidden_size=3)
         >>> batch = {"input_ids": torch.tensor([[1, 2], [3, 0]]), "targets": torch.tensor([[2, 4], [4, 0]]),
         ...          "mask": torch.tensor([[True, True], [True, False]]), "valid": torch.tensor([True, True])}

@@ -30,7 +30,7 @@ class PackCollate:
     ``valid`` ``[R]``. Placeholder samples (``"valid": False``) are left out; a micro-batch of placeholders only
     gives one row that counts nothing. ``T`` is the longest row's filled length.
 
-    Example:
+    Examples:
         >>> collate = PackCollate(pad_id=0, row_length=6)
         >>> batch = collate([{"tokens": torch.tensor([1, 5, 6, 2]), "valid": torch.tensor(True)},
         ...                  {"tokens": torch.tensor([1, 7, 2]), "valid": torch.tensor(True)},
@@ -109,7 +109,7 @@ class AttentionLM(SampleCountMixin, pl.LightningModule):
         document_mean: weigh documents, not tokens, equally.
         optimizer: ``params -> Optimizer``; AdamW(1e-3) if ``None``.
 
-    Example:
+    Examples:
         >>> lm = AttentionLM(vocab_size=11, dim=8, heads=2)
         >>> alone = lm(torch.tensor([[3, 4, 5]]))                   # one document in its own row
         >>> packed = lm(torch.tensor([[7, 3, 4, 5]]), positions=torch.tensor([[0, 0, 1, 2]]),

@@ -10,7 +10,7 @@ AccumulationK = int | Mapping[int, int]
 def normalize_k(k: AccumulationK) -> int | dict[int, int]:
     """Validate ``k`` and return it as an int or a sorted ``{epoch: K}`` dict with int keys.
 
-    Example:
+    Examples:
         >>> normalize_k({"2": 4, "0": 1})
         {0: 1, 2: 4}
         >>> normalize_k(0)
@@ -30,7 +30,7 @@ def normalize_k(k: AccumulationK) -> int | dict[int, int]:
 def k_at_epoch(k: AccumulationK, epoch: int) -> int:
     """Return the K in force during ``epoch`` (1 before a schedule's first epoch, as Lightning does).
 
-    Example:
+    Examples:
         >>> [k_at_epoch({1: 2, 3: 4}, e) for e in range(5)]
         [1, 2, 2, 4, 4]
         >>> k_at_epoch(8, 3)

@@ -20,7 +20,7 @@ PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
 def stdlib_docstring_lines(modules: Sequence[str] = STDLIB_MODULES, min_chars: int = 16) -> list[str]:
     """Return the stripped lines of at least ``min_chars`` characters from the modules' docstrings.
 
-    Example:
+    Examples:
         >>> lines = stdlib_docstring_lines(["json"])
         >>> lines[0].startswith("JSON")
         True
@@ -35,7 +35,7 @@ def stdlib_docstring_lines(modules: Sequence[str] = STDLIB_MODULES, min_chars: i
 class CharVocab:
     """Character vocabulary with ``<pad>`` (id 0), ``<bos>`` and ``<eos>``.
 
-    Example:
+    Examples:
         >>> vocab = CharVocab(["ab", "ba!"])
         >>> len(vocab), vocab.pad_id
         (6, 0)

@@ -26,7 +26,7 @@ class Accumulation:
     "smoothing"}`` lets K follow the gradient noise scale (``GradientNoiseScale`` and ``NoiseScaleAccumulation``);
     the data module then reads the Trainer's K each epoch.
 
-    Example:
+    Examples:
         >>> Accumulation(4).trainer_kwargs(), Accumulation(4).callbacks()
         ({'accumulate_grad_batches': 4}, [])
         >>> scheduled = Accumulation({0: 1, 2: 4})
@@ -72,7 +72,7 @@ class Accumulation:
 def model_kwargs(datamodule: pl.LightningDataModule) -> dict[str, Any]:
     """The shape arguments the demo models need for this data module's data.
 
-    Example:
+    Examples:
         >>> from lightning_accum.demos import RegressionDataModule
         >>> model_kwargs(RegressionDataModule(num_features=4))
         {'in_features': 4, 'out_features': 1, 'task': 'regression'}
@@ -87,7 +87,7 @@ def model_kwargs(datamodule: pl.LightningDataModule) -> dict[str, Any]:
 def data_trainer_kwargs(datamodule: ExampleDataModule) -> dict[str, Any]:
     """Trainer arguments the data module's loaders need: Lightning must not wrap the global sampler.
 
-    Example:
+    Examples:
         >>> from lightning_accum.demos import RegressionDataModule
         >>> data_trainer_kwargs(RegressionDataModule(sampler="global")), data_trainer_kwargs(RegressionDataModule())
         ({'use_distributed_sampler': False}, {})

@@ -25,7 +25,7 @@ class ItemsSeenHistory(Callback):
         loss_name: logged per-step loss key.
         items_name: logged per-step item count key.
 
-    Example:
+    Examples:
         >>> history = ItemsSeenHistory("history.csv")
         >>> history.load_state_dict({"rows": [[1, 8.0, 2.3]], "items_seen": 8.0, "last_step": 1})  # from a checkpoint
         >>> history.rows

@@ -29,7 +29,7 @@ PARAMETERS_FILE = "parameters.pt"
 def flat_parameters(module: torch.nn.Module) -> Tensor:
     """All parameters of ``module`` as one detached float64 vector on the CPU.
 
-    Example:
+    Examples:
         >>> flat_parameters(torch.nn.Linear(2, 1)).shape  # 2 weights and a bias
         torch.Size([3])
     """
@@ -67,7 +67,7 @@ class SweepRun:
 def describe(overrides: list[str]) -> tuple[str, bool, tuple[int, int, int] | None]:
     """Label, exactness and ``(ranks, K, micro-batch)`` of a run from its Hydra overrides.
 
-    Example:
+    Examples:
         >>> describe(["split=2x4x2", "mode=naive"])
         ('naive 2 ranks x K=4 x B=2', False, (2, 4, 2))
         >>> describe(["mode=exact"])
@@ -105,7 +105,7 @@ def reference_run(runs: list[SweepRun]) -> SweepRun:
 def relative_distance(run: SweepRun, reference: SweepRun) -> float:
     """``|theta - theta_ref| / |theta_ref - theta_0|``: the gap as a fraction of the reference's whole update.
 
-    Example:
+    Examples:
         >>> ref = SweepRun("ref", True, None, [], torch.zeros(2), torch.tensor([3.0, 4.0]))
         >>> round(relative_distance(SweepRun("b", True, None, [], torch.zeros(2), torch.tensor([3.0, 4.5])), ref), 6)
         0.1
@@ -125,7 +125,7 @@ def distance_table(runs: list[SweepRun], reference: SweepRun) -> str:
 def coinciding(runs: list[SweepRun], tolerance: float = 1e-5) -> list[list[str]]:
     """Labels of the runs whose loss curves coincide (every step within ``tolerance``), groups of two or more.
 
-    Example:
+    Examples:
         >>> import torch
         >>> run = lambda label, losses: SweepRun(label, True, None, list(enumerate(losses)), torch.zeros(1),
         ...                                      torch.zeros(1))

@@ -21,7 +21,7 @@ def slurm_tasks(env: Mapping[str, str]) -> int | None:
     Follows Lightning's ``SLURMEnvironment.detect``: Slurm's tasks are the ranks when ``SLURM_NTASKS`` is
     set and the job is not named ``bash`` or ``interactive`` (names Lightning leaves to other launchers).
 
-    Example:
+    Examples:
         >>> slurm_tasks({"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "train"}), slurm_tasks({})
         (2, None)
         >>> slurm_tasks({"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "interactive"}) is None
@@ -37,7 +37,7 @@ def launched_nodes(env: Mapping[str, str]) -> tuple[int, str] | None:
 
     ``None`` when no launcher that spans nodes started this process (one process, or Lightning's own ddp children).
 
-    Example:
+    Examples:
         >>> launched_nodes({"TORCHELASTIC_RUN_ID": "none", "GROUP_WORLD_SIZE": "2"})
         (2, 'torchrun --nnodes=2')
         >>> launched_nodes({"SLURM_NTASKS": "4", "SLURM_NNODES": "2", "SLURM_JOB_NAME": "train"})
@@ -58,7 +58,7 @@ def process_rank(env: Mapping[str, str]) -> int:
     """The global rank of this process: ``RANK`` (torchrun), else ``SLURM_PROCID`` (a Slurm task that Lightning
     takes as a rank), else ``LOCAL_RANK`` (Lightning's ddp children).
 
-    Example:
+    Examples:
         >>> process_rank({}), process_rank({"LOCAL_RANK": "1"}), process_rank({"RANK": "3", "LOCAL_RANK": "1"})
         (0, 1, 3)
         >>> process_rank({"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_JOB_NAME": "train"})
@@ -74,7 +74,7 @@ def process_rank(env: Mapping[str, str]) -> int:
 def nonzero_rank_overrides(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
     """Hydra overrides that keep a rank other than 0 from writing ``.hydra/`` and a job log file.
 
-    Example:
+    Examples:
         >>> nonzero_rank_overrides(["train.py"], {"RANK": "1"})
         ['hydra.output_subdir=null', 'hydra/job_logging=none']
         >>> nonzero_rank_overrides(["train.py"], {"RANK": "0"})
@@ -95,7 +95,7 @@ def share_run_stamp(env: Mapping[str, str], timeout_s: float = 300.0) -> str | N
     agent store the stamp is torchrun's run id. Under ``srun`` (each Slurm task one rank) it is the Slurm
     job and step id, which every task of the step shares.
 
-    Example:
+    Examples:
         >>> share_run_stamp({"SLURM_NTASKS": "2", "SLURM_JOB_ID": "41", "SLURM_STEP_ID": "0", "SLURM_JOB_NAME": "t"})
         'slurm_41.0'
         >>> share_run_stamp({}) is None
@@ -123,7 +123,7 @@ def export_app_path(env: os._Environ | dict[str, str]) -> None:
     Processes that the app starts and that unpickle its functions (Slurm jobs of the submitit launcher,
     joblib workers) then import the app as ``scripts/train.py`` does.
 
-    Example:
+    Examples:
         >>> env = {"PYTHONPATH": "/opt/lib"}
         >>> export_app_path(env)
         >>> env["PYTHONPATH"].split(os.pathsep)[1], env["PYTHONPATH"].endswith("scripts" + os.pathsep + "/opt/lib")

@@ -32,7 +32,7 @@ def load_runs(sweep_dir: Path) -> list[dict[str, Any]]:
 def label_runs(runs: list[dict[str, Any]]) -> list[str]:
     """Label each run by the overrides that differ between runs; return the overrides all runs share.
 
-    Example:
+    Examples:
         >>> runs = [{"overrides": ["k=1", "epochs=1"]}, {"overrides": ["k=2", "epochs=1"]}]
         >>> label_runs(runs), [run["label"] for run in runs]
         (['epochs=1'], ['k=1', 'k=2'])
@@ -47,7 +47,7 @@ def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
     """Header and rows of the summary: run folder, label (see ``label_runs``), items of the first optimizer step
     (the global batch, K x micro-batch x ranks, where each sample is one item), items seen, every final metric.
 
-    Example:
+    Examples:
         >>> header, rows = summary_rows([{"dir": "0", "label": "a=1", "metrics": {"val/loss": 0.5},
         ...                               "history": [(4.0, 0.9), (8.0, 0.7)]}])
         >>> header, rows
@@ -66,7 +66,7 @@ def summary_rows(runs: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     """Render a Markdown table.
 
-    Example:
+    Examples:
         >>> print(markdown_table(["a", "b"], [["1", "2"]]))
         | a | b |
         |---|---|
