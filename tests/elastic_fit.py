@@ -18,6 +18,7 @@ import argparse
 import os
 import signal
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -67,6 +68,23 @@ def ranks_per_node_and_nodes() -> tuple[int, int]:
     return 1, 1
 
 
+def join_this_attempt() -> None:
+    """Under torchrun, start the gloo group on a store of this attempt's own (``--max-restarts``).
+
+    The workers of every attempt share the agent's store; a restarted rank could read the gloo address that a
+    killed rank published in the previous attempt and fail to connect ("Gloo connectFullMesh failed ...
+    Connection refused", torch 2.13). Lightning keeps a process group that is already up.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, False, timedelta(seconds=120)
+    )
+    attempt = torch.distributed.PrefixStore(f"attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", agent)
+    torch.distributed.init_process_group("gloo", store=attempt, rank=rank, world_size=world_size)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("root", type=Path)
@@ -83,6 +101,7 @@ def main() -> None:
     args = parser.parse_args()
 
     devices, nodes = ranks_per_node_and_nodes()
+    join_this_attempt()
     k = EFFECTIVE // (devices * nodes * args.b)
     assert devices * nodes * k * args.b == EFFECTIVE, f"{devices * nodes} ranks x B={args.b} do not divide 8"
     kill = None if args.kill_rank is None else (args.kill_rank, args.kill_step)

@@ -44,8 +44,12 @@ def test_two_torchrun_nodes_resume_on_one_node(tmp_path, reference, measured) ->
 def test_torchrun_max_restarts_resumes_from_the_last_checkpoint(tmp_path, reference, measured) -> None:
     # 2 ranks x K=2 x B=2, a checkpoint at every step; rank 1 is SIGKILLed inside the window after step 5 (its first
     # micro-batch done). torchrun stops rank 0, starts both again, and they resume from step 5's checkpoint.
+    # The c10d rendezvous gives each attempt its own store: with the static one (--master_port) the restarted rank 0
+    # can read the killed rank's gloo address from the first attempt and fail to connect.
     args = [FIT, str(tmp_path), str(tmp_path / "final.pt"), "--every-step", "--kill-rank=1", "--kill-step=5"]
-    run([*torchrun("--nproc_per_node=2", "--max-restarts=1", "--monitor-interval=0.5"), *args], tmp_path)
+    elastic = ["--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--nnodes=1", "--nproc_per_node=2"]
+    launch = [sys.executable, "-m", "torch.distributed.run", *elastic, "--max-restarts=1", "--monitor-interval=0.5"]
+    run([*launch, *args], tmp_path)
     initial, final = reference
     assert measured(relative_distance(torch.load(tmp_path / "final.pt"), final, initial)) < 1e-5
     assert (tmp_path / "progress.txt").read_text().split() == ["12", "2"]
