@@ -47,13 +47,11 @@ def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
         low = priced_pass(runs, price, scale, most=False)
         if low.values[n] == scale * few_cost + price * fewest:  # both sides are cheapest at this price
             break
-        if low.counts[n] > num_groups:
-            many, many_cost = low.counts[n], (low.values[n] - price * low.counts[n]) // scale
-            continue
-        high = priced_pass(runs, price, scale, most=True)
-        if high.counts[n] >= num_groups:
-            return _read_back(runs, num_groups, price, scale, low, high)
-        fewest, few_cost = high.counts[n], (high.values[n] - price * high.counts[n]) // scale
+        count, cost = low.counts[n], (low.values[n] - price * low.counts[n]) // scale
+        if count > num_groups:
+            many, many_cost = count, cost
+        else:
+            fewest, few_cost = count, cost
     high = priced_pass(runs, price, scale, most=True)
     return _read_back(runs, num_groups, price, scale, low, high)
 
