@@ -77,6 +77,13 @@ def priced_pass(runs: Runs, price: int, scale: int, most: bool) -> PricedPass:
         older = starts[-1]
         low, high = max(owns_from[-1], end + 1), min(n, last_end[older]) + 1
         base, gap, twice = values[older] - value, end - older, older + end
+        step = 1
+        while low + step < high:  # gallop: the newer start mostly wins soon after
+            probe = low + step
+            if base + gap * (per_start + linear[probe] + quadratic[probe] * (2 * probe - twice)) >= 0:
+                high = probe
+                break
+            low, step = probe, 2 * step
         while high - low > 1:
             middle = (low + high) // 2
             if base + gap * (per_start + linear[middle] + quadratic[middle] * (2 * middle - twice)) >= 0:
