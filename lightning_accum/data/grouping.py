@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from lightning_accum.data.price_search import cheapest_run_ends
@@ -45,11 +46,13 @@ def length_groups(
         >>> length_groups([3], num_groups=2)
         [[0], []]
     """
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    table = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    positions = np.argsort(table, kind="stable")  # ties in position order
+    order = positions.tolist()
     if max_tokens is None and max_samples is not None and len(order) == num_groups * max_samples:
-        return [order[start : start + max_samples] for start in range(0, len(order), max_samples)]  # the only one
+        return positions.reshape(num_groups, max_samples).tolist()  # the only grouping that fits
     try:
-        ends = cheapest_run_ends(Runs([lengths[p] for p in order], max_samples, max_tokens), num_groups)
+        ends = cheapest_run_ends(Runs(table[positions].tolist(), max_samples, max_tokens), num_groups)
     except ValueError:
         raise ValueError(
             f"no grouping of {len(order)} samples into {num_groups} micro-batches respects max_samples={max_samples} "
@@ -85,11 +88,14 @@ def assign_groups(costs: Sequence[int], num_replicas: int) -> list[list[int]]:
     per_rank = len(costs) // num_replicas
     ranks: list[list[int]] = [[] for _ in range(num_replicas)]
     with_room = [(0, rank) for rank in range(num_replicas)]  # (load, rank): a heap as it stands
-    for group in sorted(range(len(costs)), key=lambda g: (-costs[g], g)):
-        load, rank = heapq.heappop(with_room)
+    dearest_first = np.argsort(-np.asarray(costs, dtype=np.int64).reshape(-1), kind="stable").tolist()
+    for group in dearest_first:  # ties in group order
+        load, rank = with_room[0]
         ranks[rank].append(group)
         if len(ranks[rank]) < per_rank:
-            heapq.heappush(with_room, (load + costs[group], rank))
+            heapq.heapreplace(with_room, (load + costs[group], rank))
+        else:
+            heapq.heappop(with_room)
     return ranks
 
 

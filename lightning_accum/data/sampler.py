@@ -22,12 +22,13 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from lightning_accum.data import permutation
-from lightning_accum.data.grouping import assign_groups, length_groups, padded_tokens, require_budget
+from lightning_accum.data.grouping import assign_groups, length_groups, require_budget
 from lightning_accum.data.permutation import BackgroundDraw, EpochOrder
 
 PAD_INDEX = -1
@@ -101,7 +102,7 @@ def grouped_micro_batches(
         [[2, 0, 5], [4, 1, 7, 3, 6]]
     """
     if isinstance(lengths, torch.Tensor):
-        window_lengths = lengths[torch.as_tensor(window)].tolist()
+        window_lengths = lengths.numpy()[np.asarray(window, dtype=np.int64)].tolist()
     else:
         window_lengths = [lengths[i] for i in window]
     groups = length_groups(
@@ -110,7 +111,7 @@ def grouped_micro_batches(
         max_samples=micro_batch_size if max_tokens is None else None,
         max_tokens=max_tokens,
     )
-    costs = [padded_tokens([window_lengths[p] for p in group]) for group in groups]
+    costs = [window_lengths[group[-1]] * len(group) if group else 0 for group in groups]  # runs: the last is longest
     return [[window[p] for p in groups[g]] or [PAD_INDEX] for g in assign_groups(costs, num_replicas)[rank]]
 
 
