@@ -15,6 +15,10 @@ from __future__ import annotations
 from lightning_accum.data.priced_passes import PricedPass, priced_pass
 from lightning_accum.data.runs import Runs
 
+# The slope (padded tokens per run, rounded) at which the last window of each size and group count was cut: the
+# next such window starts its search half a token either side of it. Only the search's length depends on it.
+_recent_slopes: dict[tuple[int, int], int] = {}
+
 
 def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
     """The ends of the ``num_groups`` runs of the cheapest grouping (by ``Runs.weight``), in ascending order.
@@ -36,24 +40,46 @@ def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
         raise ValueError(f"no grouping of {n} samples into {num_groups} runs fits the limits")
     if num_groups >= n:
         return list(range(1, n + 1)) + [n] * (num_groups - n)
-    price, scale = runs.bound(), 1
-    low = priced_pass(runs, price, scale, most=False)
-    fewest, few_cost = low.counts[n], low.values[n] - price * low.counts[n]
-    if num_groups < fewest:
-        raise ValueError(f"no grouping of {n} samples into {num_groups} runs fits the limits")
-    many, many_cost = n, sum(runs.weight(end - 1, end) for end in range(1, n + 1))
+    fewest = many = few_at = None
+    probes = [] if (hint := _recent_slopes.get((n, num_groups))) is None else [2 * hint + 1, 2 * hint - 1]
+    for halves in probes:  # half a padded token per run either side of the last window's slope
+        price, scale = halves * runs.padding_weight, 2
+        count, cost, low = _priced_count(runs, price, scale)
+        if count <= num_groups and (fewest is None or count > fewest):
+            fewest, few_cost, few_at = count, cost, (price, scale, low)
+        elif count > num_groups and (many is None or count < many):
+            many, many_cost = count, cost
+    if fewest is None:
+        price, scale = runs.bound(), 1
+        fewest, few_cost, low = _priced_count(runs, price, scale)
+        few_at = price, scale, low
+        if num_groups < fewest:
+            raise ValueError(f"no grouping of {n} samples into {num_groups} runs fits the limits")
+    if many is None:
+        many, many_cost = n, sum(runs.weight(end - 1, end) for end in range(1, n + 1))
     while num_groups != fewest:
         price, scale = few_cost - many_cost, many - fewest  # the slope between the counts on either side
-        low = priced_pass(runs, price, scale, most=False)
+        count, cost, low = _priced_count(runs, price, scale)
         if low.values[n] == scale * few_cost + price * fewest:  # both sides are cheapest at this price
             break
-        count, cost = low.counts[n], (low.values[n] - price * low.counts[n]) // scale
         if count > num_groups:
             many, many_cost = count, cost
         else:
-            fewest, few_cost = count, cost
+            fewest, few_cost, few_at = count, cost, (price, scale, low)
+    else:
+        price, scale, low = few_at
     high = priced_pass(runs, price, scale, most=True)
+    if len(_recent_slopes) >= 64:
+        _recent_slopes.clear()
+    _recent_slopes[n, num_groups] = (2 * price + scale * runs.padding_weight) // (2 * scale * runs.padding_weight)
     return _read_back(runs, num_groups, price, scale, low, high)
+
+
+def _priced_count(runs: Runs, price: int, scale: int) -> tuple[int, int, PricedPass]:
+    """The fewest runs among the cheapest groupings at a price, their cost without the price, and the pass."""
+    low = priced_pass(runs, price, scale, most=False)
+    count = low.counts[runs.size]
+    return count, (low.values[runs.size] - price * count) // scale, low
 
 
 def _read_back(runs: Runs, num_groups: int, price: int, scale: int, low: PricedPass, high: PricedPass) -> list[int]:
