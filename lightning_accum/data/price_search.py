@@ -1,13 +1,13 @@
 """The cheapest grouping of a window into exactly ``G`` runs, by a search over a price per run.
 
-The cheapest cost ``f(k)`` of ``k`` runs is convex in ``k`` because the run weight obeys the quadrangle
-inequality. So for some price ``p / q`` per run the cheapest groupings at that price (``priced_pass``) include
-one of exactly ``G`` runs, and every grouping of ``G`` runs that is cheapest at that price costs ``f(G)``. The
-search starts from the fewest runs that fit and from one run per sample and prices each step at the slope
-between the two closest counts found on either side of ``G`` (never more steps than the corners of ``f``
-between them, in practice a handful). At the final price, the fewest and the most runs of every prefix's
-cheapest groupings bound the counts it can have, and the grouping is read back from the last run: the
-weight's last key (the latest boundaries) makes it the one the layered dynamic programme chose.
+The cheapest cost ``f(k)`` of ``k`` runs is convex in ``k`` because the run weight obeys the quadrangle inequality.
+So for some price ``p / q`` per run the cheapest groupings at that price (``priced_pass``) include one of exactly
+``G`` runs, and every grouping of ``G`` runs that is cheapest at that price costs ``f(G)``. The search starts from
+two prices near the last window's of the same size, or else from the fewest runs that fit and one run per sample,
+and prices each step at the slope between the two closest counts found on either side of ``G`` (never more steps
+than the corners of ``f`` between them: 3 to 8 passes in practice). At the final price, the fewest and the most runs
+of every prefix's cheapest groupings bound the counts it can have, and the grouping is read back from the last run:
+the weight's last key (the latest boundaries) makes it the one the layered dynamic programme chose.
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ from __future__ import annotations
 from lightning_accum.data.priced_passes import PricedPass, priced_pass
 from lightning_accum.data.runs import Runs
 
-# The slope (padded tokens per run, rounded) at which the last window of each size and group count was cut: the
-# next such window starts its search half a token either side of it. Only the search's length depends on it.
-_recent_slopes: dict[tuple[int, int], int] = {}
+# The price at which the last window of each size and group count was cut, as padded tokens per run (rounded) and
+# squared padded tokens per run: the next such window of the same sampler has a close one, and probes a half more
+# and a third less in squares first. Any price gives the same groups; only the number of passes depends on it.
+_recent_slopes: dict[tuple[int, int], tuple[int, int]] = {}
 
 
 def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
@@ -41,14 +42,17 @@ def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
     if num_groups >= n:
         return list(range(1, n + 1)) + [n] * (num_groups - n)
     fewest = many = few_at = None
-    probes = [] if (hint := _recent_slopes.get((n, num_groups))) is None else [2 * hint + 1, 2 * hint - 1]
-    for halves in probes:  # half a padded token per run either side of the last window's slope
-        price, scale = halves * runs.padding_weight, 2
+    hint = _recent_slopes.get((n, num_groups))
+    probes = [] if hint is None else [(hint[0], hint[1] + abs(hint[1]) // 2), (hint[0], hint[1] - abs(hint[1]) // 3)]
+    for tokens, squares in probes:
+        price, scale = tokens * runs.padding_weight + squares * runs.square_weight, 1
         count, cost, low = _priced_count(runs, price, scale)
         if count <= num_groups and (fewest is None or count > fewest):
             fewest, few_cost, few_at = count, cost, (price, scale, low)
         elif count > num_groups and (many is None or count < many):
             many, many_cost = count, cost
+        if fewest == num_groups:
+            break
     if fewest is None:
         price, scale = runs.bound(), 1
         fewest, few_cost, low = _priced_count(runs, price, scale)
@@ -71,7 +75,11 @@ def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
     high = priced_pass(runs, price, scale, most=True)
     if len(_recent_slopes) >= 64:
         _recent_slopes.clear()
-    _recent_slopes[n, num_groups] = (2 * price + scale * runs.padding_weight) // (2 * scale * runs.padding_weight)
+    tokens = (2 * price + scale * runs.padding_weight) // (2 * scale * runs.padding_weight)
+    _recent_slopes[n, num_groups] = (
+        tokens,
+        (price - tokens * scale * runs.padding_weight) // (scale * runs.square_weight),
+    )
     return _read_back(runs, num_groups, price, scale, low, high)
 
 
