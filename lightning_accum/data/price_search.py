@@ -3,7 +3,7 @@
 The cheapest cost ``f(k)`` of ``k`` runs is convex in ``k`` because the run weight obeys the quadrangle inequality.
 So for some price ``p / q`` per run the cheapest groupings at that price (``priced_pass``) include one of exactly
 ``G`` runs, and every grouping of ``G`` runs that is cheapest at that price costs ``f(G)``. The search starts from
-two prices near the last window's of the same size, or else from the fewest runs that fit and one run per sample,
+prices next to the last window's of the same size, or else from the fewest runs that fit and one run per sample,
 and prices each step at the slope between the two closest counts found on either side of ``G`` (never more steps
 than the corners of ``f`` between them: 3 to 8 passes in practice). At the final price, the fewest and the most runs
 of every prefix's cheapest groupings bound the counts it can have, and the grouping is read back from the last run:
@@ -16,8 +16,8 @@ from lightning_accum.data.priced_passes import PricedPass, priced_pass
 from lightning_accum.data.runs import Runs
 
 # The price at which the last window of each size and group count was cut, as padded tokens per run (rounded) and
-# squared padded tokens per run: the next such window of the same sampler has a close one, and probes a half more
-# and a third less in squares first. Any price gives the same groups; only the number of passes depends on it.
+# squared padded tokens per run: the next such window of the same sampler has a close one and tries prices next to
+# it first (``_probes``). Any price gives the same groups; only the number of passes depends on it.
 _recent_slopes: dict[tuple[int, int], tuple[int, int]] = {}
 
 
@@ -43,15 +43,15 @@ def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
         return list(range(1, n + 1)) + [n] * (num_groups - n)
     fewest = many = few_at = None
     hint = _recent_slopes.get((n, num_groups))
-    probes = [] if hint is None else [(hint[0], hint[1] + abs(hint[1]) // 2), (hint[0], hint[1] - abs(hint[1]) // 3)]
-    for tokens, squares in probes:
-        price, scale = tokens * runs.padding_weight + squares * runs.square_weight, 1
+    for above, price, scale in () if hint is None else _probes(runs, *hint):
+        if (fewest if above else many) is not None:
+            continue  # that side is found
         count, cost, low = _priced_count(runs, price, scale)
         if count <= num_groups and (fewest is None or count > fewest):
             fewest, few_cost, few_at = count, cost, (price, scale, low)
         elif count > num_groups and (many is None or count < many):
             many, many_cost = count, cost
-        if fewest == num_groups:
+        if fewest == num_groups or (fewest is not None and many is not None):
             break
     if fewest is None:
         price, scale = runs.bound(), 1
@@ -81,6 +81,18 @@ def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
         (price - tokens * scale * runs.padding_weight) // (scale * runs.square_weight),
     )
     return _read_back(runs, num_groups, price, scale, low, high)
+
+
+def _probes(runs: Runs, tokens: int, squares: int) -> list[tuple[bool, int, int]]:
+    """Prices to try first, from the last window's: an eighth, then a half more and less in squared padded tokens
+    per run, then half a padded token per run more and less; each as ``(above, price, scale)``."""
+    heavy, square = runs.padding_weight, runs.square_weight
+    near = [
+        (sign > 0, tokens * heavy + (squares + sign * (abs(squares) // part)) * square, 1)
+        for part in (8, 2)
+        for sign in (1, -1)
+    ]
+    return [*near, (True, (2 * tokens + 1) * heavy, 2), (False, (2 * tokens - 1) * heavy, 2)]
 
 
 def _priced_count(runs: Runs, price: int, scale: int) -> tuple[int, int, PricedPass]:
