@@ -87,15 +87,16 @@ def assign_groups(costs: Sequence[int], num_replicas: int) -> list[list[int]]:
     """
     per_rank = len(costs) // num_replicas
     ranks: list[list[int]] = [[] for _ in range(num_replicas)]
-    with_room = [(0, rank) for rank in range(num_replicas)]  # (load, rank): a heap as it stands
+    with_room = list(range(num_replicas))  # load * num_replicas + rank: a heap of (load, rank) in one int
     dearest_first = np.argsort(-np.asarray(costs, dtype=np.int64).reshape(-1), kind="stable").tolist()
+    replace, pop = heapq.heapreplace, heapq.heappop
     for group in dearest_first:  # ties in group order
-        load, rank = with_room[0]
+        rank = with_room[0] % num_replicas
         ranks[rank].append(group)
         if len(ranks[rank]) < per_rank:
-            heapq.heapreplace(with_room, (load + costs[group], rank))
+            replace(with_room, with_room[0] + costs[group] * num_replicas)
         else:
-            heapq.heappop(with_room)
+            pop(with_room)
     return ranks
 
 
