@@ -4,8 +4,7 @@
 replaced (time and memory ``O(groups * samples * run width)``), and ``reference_assign_groups`` the scan over
 ranks that the heap replaced. Tests compare the library's output with these, element for element.
 
-Example::
-
+Examples:
     >>> reference_length_groups([5, 1, 5, 2, 9, 1], num_groups=3, max_samples=2)
     [[1, 5], [3, 0], [2, 4]]
     >>> reference_assign_groups([1, 1, 4, 6], num_replicas=2)
@@ -29,8 +28,7 @@ def reference_length_groups(
     Ties go to the smallest sum of squared padded sizes, then to the smallest last run (backtracking from the
     end). Raises ``ValueError`` when no grouping fits the limits.
 
-    Example::
-
+    Examples:
         >>> reference_length_groups([5, 1, 5, 2, 9, 1], num_groups=3, max_tokens=10)
         [[1, 5, 3], [0, 2], [4]]
     """
@@ -71,8 +69,7 @@ def reference_length_groups(
 def reference_assign_groups(costs: Sequence[int], num_replicas: int) -> list[list[int]]:
     """Deal groups to ranks, largest cost first, each to the least loaded rank with room (lowest rank on a tie).
 
-    Example::
-
+    Examples:
         >>> reference_assign_groups([5, 5, 5, 1], num_replicas=2)
         [[0, 2], [1, 3]]
     """

@@ -14,6 +14,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from lightning_accum.data.price_search import cheapest_run_ends
@@ -36,8 +37,7 @@ def length_groups(
 
     Raises ``ValueError`` when no grouping fits the limits.
 
-    Example::
-
+    Examples:
         >>> length_groups([5, 1, 5, 2, 9, 1], num_groups=3, max_samples=2)  # padded: 2*1 + 2*5 + 2*9 = 30
         [[1, 5], [3, 0], [2, 4]]
         >>> length_groups([5, 1, 5, 2, 9, 1], num_groups=3, max_tokens=10)  # padded: 3*2 + 2*5 + 1*9 = 25
@@ -45,11 +45,13 @@ def length_groups(
         >>> length_groups([3], num_groups=2)
         [[0], []]
     """
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    table = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    positions = np.argsort(table, kind="stable")  # ties in position order
+    order = positions.tolist()
     if max_tokens is None and max_samples is not None and len(order) == num_groups * max_samples:
-        return [order[start : start + max_samples] for start in range(0, len(order), max_samples)]  # the only one
+        return positions.reshape(num_groups, max_samples).tolist()  # the only grouping that fits
     try:
-        ends = cheapest_run_ends(Runs([lengths[p] for p in order], max_samples, max_tokens), num_groups)
+        ends = cheapest_run_ends(Runs(table[positions].tolist(), max_samples, max_tokens), num_groups)
     except ValueError:
         raise ValueError(
             f"no grouping of {len(order)} samples into {num_groups} micro-batches respects max_samples={max_samples} "
@@ -62,8 +64,7 @@ def length_groups(
 def padded_tokens(lengths: Sequence[int]) -> int:
     """Padded size of one micro-batch of these lengths: ``longest * samples`` (0 when empty).
 
-    Example::
-
+    Examples:
         >>> padded_tokens([3, 7, 2]), padded_tokens([])
         (21, 0)
     """
@@ -77,19 +78,22 @@ def assign_groups(costs: Sequence[int], num_replicas: int) -> list[list[int]]:
     a tie: a heap of the ranks with room, ``O(groups log ranks)``). Returns each rank's group positions in the
     order it runs them. ``len(costs)`` must be a multiple of ``num_replicas``.
 
-    Example::
-
+    Examples:
         >>> assign_groups([1, 1, 4, 6], num_replicas=2)
         [[3, 1], [2, 0]]
     """
     per_rank = len(costs) // num_replicas
     ranks: list[list[int]] = [[] for _ in range(num_replicas)]
-    with_room = [(0, rank) for rank in range(num_replicas)]  # (load, rank): a heap as it stands
-    for group in sorted(range(len(costs)), key=lambda g: (-costs[g], g)):
-        load, rank = heapq.heappop(with_room)
+    with_room = list(range(num_replicas))  # load * num_replicas + rank: a heap of (load, rank) in one int
+    dearest_first = np.argsort(-np.asarray(costs, dtype=np.int64).reshape(-1), kind="stable").tolist()
+    replace, pop = heapq.heapreplace, heapq.heappop
+    for group in dearest_first:  # ties in group order
+        rank = with_room[0] % num_replicas
         ranks[rank].append(group)
         if len(ranks[rank]) < per_rank:
-            heapq.heappush(with_room, (load + costs[group], rank))
+            replace(with_room, with_room[0] + costs[group] * num_replicas)
+        else:
+            pop(with_room)
     return ranks
 
 
@@ -99,8 +103,7 @@ def fewest_micro_batches(lengths: Sequence[int], max_tokens: int) -> int:
     Greedy from the longest: each micro-batch takes as many of the next longest samples as fit, which no
     grouping beats. Every length must be at most ``max_tokens``.
 
-    Example::
-
+    Examples:
         >>> fewest_micro_batches([9, 1, 1, 1, 5, 5], max_tokens=10)  # [9], [5, 5], [1, 1, 1]
         3
     """
@@ -125,8 +128,7 @@ def smallest_budget(lengths: Sequence[int] | torch.Tensor, windows: Sequence[tup
     longest ones (any other window's sorted lengths are shorter one by one), so the answer is the smallest
     budget at which those fit; a budget of ``ceil(samples / micro-batches)`` longest samples always does.
 
-    Example::
-
+    Examples:
         >>> smallest_budget([9, 1, 1, 1, 5, 5, 2, 2], windows=[(4, 2)])  # the 4 longest 9, 5, 5, 2: [9], [5, 5, 2]
         15
     """
@@ -148,8 +150,7 @@ def require_budget(lengths: Sequence[int] | torch.Tensor, windows: Sequence[tupl
 
     ``windows`` holds ``(samples, micro-batches)`` pairs, as for ``smallest_budget``.
 
-    Example::
-
+    Examples:
         >>> require_budget([9, 1, 1, 1, 5, 5, 2, 2], windows=[(4, 2)], max_tokens=15)
         >>> require_budget([9, 1, 1, 1, 5, 5, 2, 2], windows=[(4, 2)], max_tokens=12)
         Traceback (most recent call last):

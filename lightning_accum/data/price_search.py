@@ -1,19 +1,24 @@
 """The cheapest grouping of a window into exactly ``G`` runs, by a search over a price per run.
 
-The cheapest cost ``f(k)`` of ``k`` runs is convex in ``k`` because the run weight obeys the quadrangle
-inequality. So for some price ``p / q`` per run the cheapest groupings at that price (``priced_pass``) include
-one of exactly ``G`` runs, and every grouping of ``G`` runs that is cheapest at that price costs ``f(G)``. The
-search starts from the fewest runs that fit and from one run per sample and prices each step at the slope
-between the two closest counts found on either side of ``G`` (never more steps than the corners of ``f``
-between them, in practice a handful). At the final price, the fewest and the most runs of every prefix's
-cheapest groupings bound the counts it can have, and the grouping is read back from the last run: the
-weight's last key (the latest boundaries) makes it the one the layered dynamic programme chose.
+The cheapest cost ``f(k)`` of ``k`` runs is convex in ``k`` because the run weight obeys the quadrangle inequality.
+So for some price ``p / q`` per run the cheapest groupings at that price (``priced_pass``) include one of exactly
+``G`` runs, and every grouping of ``G`` runs that is cheapest at that price costs ``f(G)``. The search starts from
+prices next to the last window's of the same size, or else from the fewest runs that fit and one run per sample,
+and prices each step at the slope between the two closest counts found on either side of ``G`` (never more steps
+than the corners of ``f`` between them: 3 to 8 passes in practice). At the final price, the fewest and the most runs
+of every prefix's cheapest groupings bound the counts it can have, and the grouping is read back from the last run:
+the weight's last key (the latest boundaries) makes it the one the layered dynamic programme chose.
 """
 
 from __future__ import annotations
 
 from lightning_accum.data.priced_passes import PricedPass, priced_pass
 from lightning_accum.data.runs import Runs
+
+# The price at which the last window of each size and group count was cut, as padded tokens per run (rounded) and
+# squared padded tokens per run: the next such window of the same sampler has a close one and tries prices next to
+# it first (``_probes``). Any price gives the same groups; only the number of passes depends on it.
+_recent_slopes: dict[tuple[int, int], tuple[int, int]] = {}
 
 
 def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
@@ -22,8 +27,7 @@ def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
     Fewer samples than groups gives one run per sample and empty runs at the end. Raises ``ValueError`` when
     no grouping into ``num_groups`` runs fits the limits.
 
-    Example::
-
+    Examples:
         >>> cheapest_run_ends(Runs([1, 1, 2, 5, 5, 9], max_samples=2, max_tokens=None), 3)
         [2, 4, 6]
         >>> cheapest_run_ends(Runs([1, 1, 2, 5, 5, 9], max_samples=None, max_tokens=10), 3)
@@ -36,26 +40,65 @@ def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
         raise ValueError(f"no grouping of {n} samples into {num_groups} runs fits the limits")
     if num_groups >= n:
         return list(range(1, n + 1)) + [n] * (num_groups - n)
-    price, scale = runs.bound(), 1
-    low = priced_pass(runs, price, scale, most=False)
-    fewest, few_cost = low.counts[n], low.values[n] - price * low.counts[n]
-    if num_groups < fewest:
-        raise ValueError(f"no grouping of {n} samples into {num_groups} runs fits the limits")
-    many, many_cost = n, sum(runs.weight(end - 1, end) for end in range(1, n + 1))
+    fewest = many = few_at = None
+    hint = _recent_slopes.get((n, num_groups))
+    for above, price, scale in () if hint is None else _probes(runs, *hint):
+        if (fewest if above else many) is not None:
+            continue  # that side is found
+        count, cost, low = _priced_count(runs, price, scale)
+        if count <= num_groups and (fewest is None or count > fewest):
+            fewest, few_cost, few_at = count, cost, (price, scale, low)
+        elif count > num_groups and (many is None or count < many):
+            many, many_cost = count, cost
+        if fewest == num_groups or (fewest is not None and many is not None):
+            break
+    if fewest is None:
+        price, scale = runs.bound(), 1
+        fewest, few_cost, low = _priced_count(runs, price, scale)
+        few_at = price, scale, low
+        if num_groups < fewest:
+            raise ValueError(f"no grouping of {n} samples into {num_groups} runs fits the limits")
+    if many is None:
+        many, many_cost = n, sum(runs.weight(end - 1, end) for end in range(1, n + 1))
     while num_groups != fewest:
         price, scale = few_cost - many_cost, many - fewest  # the slope between the counts on either side
-        low = priced_pass(runs, price, scale, most=False)
+        count, cost, low = _priced_count(runs, price, scale)
         if low.values[n] == scale * few_cost + price * fewest:  # both sides are cheapest at this price
             break
-        if low.counts[n] > num_groups:
-            many, many_cost = low.counts[n], (low.values[n] - price * low.counts[n]) // scale
-            continue
-        high = priced_pass(runs, price, scale, most=True)
-        if high.counts[n] >= num_groups:
-            return _read_back(runs, num_groups, price, scale, low, high)
-        fewest, few_cost = high.counts[n], (high.values[n] - price * high.counts[n]) // scale
+        if count > num_groups:
+            many, many_cost = count, cost
+        else:
+            fewest, few_cost, few_at = count, cost, (price, scale, low)
+    else:
+        price, scale, low = few_at
     high = priced_pass(runs, price, scale, most=True)
+    if len(_recent_slopes) >= 64:
+        _recent_slopes.clear()
+    tokens = (2 * price + scale * runs.padding_weight) // (2 * scale * runs.padding_weight)
+    _recent_slopes[n, num_groups] = (
+        tokens,
+        (price - tokens * scale * runs.padding_weight) // (scale * runs.square_weight),
+    )
     return _read_back(runs, num_groups, price, scale, low, high)
+
+
+def _probes(runs: Runs, tokens: int, squares: int) -> list[tuple[bool, int, int]]:
+    """Prices to try first, from the last window's: an eighth, then a half more and less in squared padded tokens
+    per run, then half a padded token per run more and less; each as ``(above, price, scale)``."""
+    heavy, square = runs.padding_weight, runs.square_weight
+    near = [
+        (sign > 0, tokens * heavy + (squares + sign * (abs(squares) // part)) * square, 1)
+        for part in (8, 2)
+        for sign in (1, -1)
+    ]
+    return [*near, (True, (2 * tokens + 1) * heavy, 2), (False, (2 * tokens - 1) * heavy, 2)]
+
+
+def _priced_count(runs: Runs, price: int, scale: int) -> tuple[int, int, PricedPass]:
+    """The fewest runs among the cheapest groupings at a price, their cost without the price, and the pass."""
+    low = priced_pass(runs, price, scale, most=False)
+    count = low.counts[runs.size]
+    return count, (low.values[runs.size] - price * count) // scale, low
 
 
 def _read_back(runs: Runs, num_groups: int, price: int, scale: int, low: PricedPass, high: PricedPass) -> list[int]:

@@ -30,35 +30,24 @@ def priced_pass(runs: Runs, price: int, scale: int, most: bool) -> PricedPass:
 
     Among the cheapest groupings of a prefix, ``counts`` holds the fewest runs, or the most with ``most``.
 
-    Example::
-
+    Examples:
         >>> runs = Runs([1, 1, 4, 4], max_samples=None, max_tokens=None)
         >>> cheap, dear = priced_pass(runs, 0, 1, most=True), priced_pass(runs, runs.bound(), 1, most=False)
         >>> cheap.counts, dear.counts  # free runs: one per sample; dear runs: the fewest, one
         ([0, 1, 2, 3, 4], [0, 1, 1, 1, 1])
     """
     n = runs.size
-    first_start, lengths = runs.first_start, runs.lengths
+    first_start, lengths, last_end = runs.first_start, runs.lengths, runs.last_end
     heavy, square, tie = runs.padding_weight * scale, runs.square_weight * scale, -1 if most else 1
     per_run = price * (n + 1) + tie  # one run's price, and the count tie-break below every cost difference
     heavy, square, per_start = heavy * (n + 1), square * (n + 1), scale * (n + 1)
+    # Whether a newer start is at least as good as an older one for the run ending at ``end``: with
+    # ``d = newer - older`` the difference of their costs is ``values[older] - values[newer] + d * (per_start
+    # + linear[end] + quadratic[end] * (2 end - older - newer))``, which grows with ``end``.
+    linear = [0, *(heavy * length for length in lengths)]
+    quadratic = [0, *(square * length * length for length in lengths)]
     values = [0] * (n + 1)
     counts = [0] * (n + 1)
-    last_end = runs.last_end
-
-    def wins(newer: int, older: int, end: int) -> bool:
-        """Whether the start ``newer`` is at least as good as ``older`` for the run ending at ``end``.
-
-        The difference of the two costs, with ``p = length * (end - start)`` and ``d = newer - older``:
-        ``values[older] - values[newer] + per_start * d + length * d * (heavy + square * length * (2 end - older
-        - newer))``, which grows with ``end``.
-        """
-        if older < first_start[end]:
-            return True
-        length, gap = lengths[end - 1], newer - older
-        gain = length * gap * (heavy + square * length * (2 * end - older - newer))
-        return values[older] - values[newer] + per_start * gap + gain >= 0
-
     starts, owns_from = [0], [1]  # candidate starts, and the first end each is best for
     head = 0
     for end in range(1, n + 1):
@@ -66,23 +55,40 @@ def priced_pass(runs: Runs, price: int, scale: int, most: bool) -> PricedPass:
             head += 1
         start = starts[head]
         padded = lengths[end - 1] * (end - start)
-        values[end] = values[start] + (heavy + square * padded) * padded - per_start * start + per_run
+        value = values[end] = values[start] + (heavy + square * padded) * padded - per_start * start + per_run
         counts[end] = counts[start] + 1
         if end == n:
             break
-        while len(starts) > head and wins(end, starts[-1], max(owns_from[-1], end + 1)):
+        while len(starts) > head:
+            older, at = starts[-1], max(owns_from[-1], end + 1)
+            gap = end - older
+            if older >= first_start[at] and (
+                values[older] - value + gap * (per_start + linear[at] + quadratic[at] * (2 * at - older - end)) < 0
+            ):
+                break
             starts.pop()
             owns_from.pop()
         if len(starts) == head:
             starts.append(end)
             owns_from.append(end + 1)
             continue
-        older = starts[-1]
         # The newer start loses at low and wins past the older one's last end: find where it first wins.
+        older = starts[-1]
         low, high = max(owns_from[-1], end + 1), min(n, last_end[older]) + 1
+        base, gap, twice = values[older] - value, end - older, older + end
+        step = 1
+        while low + step < high:  # gallop: the newer start mostly wins soon after
+            probe = low + step
+            if base + gap * (per_start + linear[probe] + quadratic[probe] * (2 * probe - twice)) >= 0:
+                high = probe
+                break
+            low, step = probe, 2 * step
         while high - low > 1:
             middle = (low + high) // 2
-            low, high = (low, middle) if wins(end, older, middle) else (middle, high)
+            if base + gap * (per_start + linear[middle] + quadratic[middle] * (2 * middle - twice)) >= 0:
+                high = middle
+            else:
+                low = middle
         if high <= n:
             starts.append(end)
             owns_from.append(high)

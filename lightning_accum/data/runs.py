@@ -22,8 +22,7 @@ class Runs:
         max_samples: the most samples in one run, ``None`` for no limit.
         max_tokens: the most padded tokens in one run, ``None`` for no limit.
 
-    Example::
-
+    Examples:
         >>> runs = Runs([1, 2, 5, 5], max_samples=None, max_tokens=10)
         >>> runs.first_start  # the earliest start of a run that fits, for every end 0..4
         [0, 0, 0, 1, 2]

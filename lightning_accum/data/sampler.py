@@ -22,12 +22,13 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from lightning_accum.data import permutation
-from lightning_accum.data.grouping import assign_groups, length_groups, padded_tokens, require_budget
+from lightning_accum.data.grouping import assign_groups, length_groups, require_budget
 from lightning_accum.data.permutation import BackgroundDraw, EpochOrder
 
 PAD_INDEX = -1
@@ -54,8 +55,7 @@ def window_micro_batches(window: list[int], num_replicas: int, rank: int, micro_
     ``micro_batch_size``); micro-batch ``q`` belongs to rank ``q % num_replicas``. A micro-batch without
     a sample is ``[PAD_INDEX]``.
 
-    Example::
-
+    Examples:
         >>> window_micro_batches([5, 3, 8, 1, 9, 0, 2, 7], num_replicas=2, rank=0, micro_batch_size=2)
         [[5, 3], [9, 0]]
         >>> window_micro_batches([5, 3, 8, 1, 9, 0, 2, 7], num_replicas=2, rank=1, micro_batch_size=2)
@@ -90,8 +90,7 @@ def grouped_micro_batches(
     samples each, or, with ``max_tokens``, any number of samples within ``max_tokens`` padded tokens. They are
     dealt to the ranks, ``m`` each, balancing padded tokens. An empty micro-batch is ``[PAD_INDEX]``.
 
-    Example::
-
+    Examples:
         >>> lengths = [30, 5, 28, 6, 4, 31, 7, 5]  # sample i has lengths[i] tokens
         >>> window_micro_batches([0, 1, 2, 3, 4, 5, 6, 7], 1, 0, micro_batch_size=4)  # padded 4 * 30 + 4 * 31
         [[0, 1, 2, 3], [4, 5, 6, 7]]
@@ -101,7 +100,7 @@ def grouped_micro_batches(
         [[2, 0, 5], [4, 1, 7, 3, 6]]
     """
     if isinstance(lengths, torch.Tensor):
-        window_lengths = lengths[torch.as_tensor(window)].tolist()
+        window_lengths = lengths.numpy()[np.asarray(window, dtype=np.int64)].tolist()
     else:
         window_lengths = [lengths[i] for i in window]
     groups = length_groups(
@@ -110,7 +109,7 @@ def grouped_micro_batches(
         max_samples=micro_batch_size if max_tokens is None else None,
         max_tokens=max_tokens,
     )
-    costs = [padded_tokens([window_lengths[p] for p in group]) for group in groups]
+    costs = [window_lengths[group[-1]] * len(group) if group else 0 for group in groups]  # runs: the last is longest
     return [[window[p] for p in groups[g]] or [PAD_INDEX] for g in assign_groups(costs, num_replicas)[rank]]
 
 
@@ -153,8 +152,7 @@ class EpochPermutation(Sampler[int]):
     ``seed + epoch``, held as an ``int32`` tensor and read a window at a time (``order``); from
     ``permutation.DRAW_AHEAD_FROM`` samples it is drawn on a background thread, the next epoch's ahead.
 
-    Example::
-
+    Examples:
         >>> order = EpochPermutation(5, shuffle=False)
         >>> list(order)
         [0, 1, 2, 3, 4]
@@ -249,8 +247,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         max_tokens: with ``lengths``, the most padded tokens in one micro-batch instead of the most samples
             (``micro_batch_size`` then only sets ``E``).
 
-    Example::
-
+    Examples:
         >>> one = GlobalBatchSampler(10, micro_batch_size=4, shuffle=False)
         >>> list(one)
         [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
@@ -346,8 +343,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
         Otherwise its windows are not the optimizer steps (or every rank draws the same samples).
 
-        Example::
-
+        Examples:
             >>> GlobalBatchSampler(10, 2, accumulate_grad_batches=3).require_split(3, 1, 0)
             >>> GlobalBatchSampler(10, 2).require_split(3, 2, 1)
             Traceback (most recent call last):
@@ -434,8 +430,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         ``accumulate_grad_batches``, ``micro_batch_size``) may differ at an optimizer-step boundary. Another
         epoch's iteration is whole. ``GlobalBatchLoader.load_state_dict`` calls it.
 
-        Example::
-
+        Examples:
             >>> saved = GlobalBatchSampler(30, 2, 4, num_replicas=1, rank=0, seed=9)  # 1 rank x K=4 x B=2
             >>> resumed = GlobalBatchSampler(30, 4, 1, num_replicas=2, rank=0, seed=9)  # 2 ranks x K=1 x B=4
             >>> resumed.resume(epoch=0, micro_batches=8, layout=saved.layout())  # after 2 steps of 4 micro-batches
