@@ -26,10 +26,9 @@ from forms import (
     weighted_batch,
     weights_ranks_case,
 )
-from fsdp_fit import CPUFSDPStrategy, GatherParameters
+from fsdp_fit import CPUFSDPStrategy, GatherParameters, shard_linear_layers
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from reference import flat_parameters
-from torch import nn
 
 from lightning_accum import SampleCountRescaler
 
@@ -49,13 +48,7 @@ VAL_PLAN = plan_of(weighted_batch, [[5, 5, 1], [3, 2]], tokens=4)  # uneven rank
 
 class FSDP2FormModule(FormModule):
     def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
+        shard_linear_layers(self.net, self.device_mesh["data_parallel"])
 
 
 class Gather(GatherParameters):

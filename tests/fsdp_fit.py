@@ -71,17 +71,21 @@ class FSDP1NaiveModule(NaiveModule, FSDP1ClipModule):
     pass
 
 
+def shard_linear_layers(net: nn.Sequential, mesh: object) -> None:
+    """FSDP2: shard each linear layer of ``net``, then ``net`` itself, over the data-parallel ``mesh``."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+
+
 class FSDP2Module(CountingModule):
     """Shards each linear layer and the net over the data-parallel mesh (FSDP2)."""
 
     def configure_model(self) -> None:
-        from torch.distributed.fsdp import fully_shard
-
-        mesh = self.device_mesh["data_parallel"]
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(self.net, mesh=mesh)
+        shard_linear_layers(self.net, self.device_mesh["data_parallel"])
 
 
 class FSDP2NaiveModule(NaiveModule, FSDP2Module):
