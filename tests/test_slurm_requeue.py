@@ -29,11 +29,31 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 FIT = Path(__file__).resolve().parent / "elastic_fit.py"
 
 
-def wait_for(condition, what: str, timeout_s: float = 300.0) -> None:
+def cluster_state() -> str:
+    """The queue and the nodes as the controller sees them, for a failure message."""
+    queue = ["squeue", "-a", "-o", "%i %T %R %M"]
+    nodes = ["sinfo", "-N", "-o", "%N %T %E"]
+    return "\n".join(subprocess.run(c, capture_output=True, text=True).stdout for c in (queue, nodes))
+
+
+def wait_for(condition, what: str, timeout_s: float = 300.0, gave_up=lambda: "") -> None:
+    """Poll ``condition`` every second; fail with the cluster's state on timeout, or at once when ``gave_up``
+    returns a reason (such as the process that should make the condition true having exited)."""
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}"
+        reason = gave_up()
+        assert not reason, f"stopped waiting for {what}: {reason}\n{cluster_state()}"
+        assert time.monotonic() < deadline, f"timed out after {timeout_s} s waiting for {what}\n{cluster_state()}"
         time.sleep(1.0)
+
+
+@pytest.fixture(autouse=True)
+def idle_nodes() -> None:
+    """Both nodes idle before a test submits (a previous job may still be completing)."""
+    idle = ["sinfo", "-h", "-N", "-t", "idle", "-o", "%N"]
+    wait_for(
+        lambda: subprocess.run(idle, capture_output=True, text=True).stdout.split() == ["n1", "n2"], "idle nodes", 120
+    )
 
 
 def job_states(job: str) -> list[str]:
@@ -110,11 +130,21 @@ def test_app_job_through_submitit_is_requeued_and_equals_one_process(tmp_path, o
     with (tmp_path / "sweep.out").open("w") as out, (tmp_path / "sweep.err").open("w") as err:
         sweep_proc = subprocess.Popen(args, cwd=tmp_path, env=clean_env(), stdout=out, stderr=err)
     try:
-        wait_for(lambda: any((tmp_path / "slurm").rglob("epoch_000.ckpt")), "epoch 0's checkpoint")
+
+        def sweep_ended() -> str:
+            if sweep_proc.poll() is None:
+                return ""
+            logs = "".join(p.read_text()[-2000:] for p in (tmp_path / "slurm").rglob("*_log.err"))
+            return (
+                f"the sweep exited ({sweep_proc.returncode}):\n{(tmp_path / 'sweep.err').read_text()[-3000:]}\n{logs}"
+            )
+
+        # last.ckpt: saved at epoch 0's end and kept (epoch_000.ckpt is deleted when epoch 1 scores better).
+        wait_for(lambda: any((tmp_path / "slurm").rglob("last.ckpt")), "epoch 0's checkpoint", gave_up=sweep_ended)
         (sweep,) = (tmp_path / "slurm" / "digits_global" / "multirun").iterdir()
         (job,) = slurm_jobs(sweep) or [p.name for p in (sweep / ".submitit").iterdir() if "_" in p.name]
         subprocess.run(["scancel", "--signal=USR1", job], check=True)
-        wait_for(lambda: requeued_and_pending(job), "the job to be requeued")
+        wait_for(lambda: requeued_and_pending(job), "the job to be requeued", gave_up=sweep_ended)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
         assert sweep_proc.wait(timeout=400) == 0, (tmp_path / "sweep.err").read_text()[-5000:]
     finally:
