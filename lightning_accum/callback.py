@@ -176,6 +176,16 @@ class SampleCountRescaler(Callback):
         padding = partial(is_padding, trainer.train_dataloader)  # the loader marks its padding micro-batches
         self._engine.start_micro_batch(batch_idx, batch, partial(upcoming_batches, trainer, batch_idx), padding)
 
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.evaluation.start_batch(trainer.val_dataloaders, batch_idx, dataloader_idx)
+
+    def on_test_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self.evaluation.start_batch(trainer.test_dataloaders, batch_idx, dataloader_idx)
+
     def on_before_zero_grad(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:

@@ -268,6 +268,26 @@ class EvalModule(FormModule):
     test_step = validation_step
 
 
+class GlobalLoaderEvalModule(EvalModule):
+    """``EvalModule`` whose validation and test sets are one batch's sequences dealt by a ``GlobalBatchLoader``
+    over ``replicas`` ranks (this process is rank ``rank``, else the trainer's): a rank that runs short gets a
+    padding micro-batch, which the loader fills with a real sequence."""
+
+    def __init__(self, net: nn.Module, case: FormCase, sequences: FormBatch, replicas: int, rank: int | None = None):
+        super().__init__(net, case, [])
+        self.sequences, self.replicas, self.rank = sequences, replicas, rank
+
+    def val_dataloader(self) -> DataLoader:
+        from lightning_accum import GlobalBatchLoader, GlobalBatchSampler
+
+        rank = self.trainer.global_rank if self.rank is None else self.rank
+        items = list(zip(*self.sequences, strict=True))
+        sampler = GlobalBatchSampler(len(items), 2, num_replicas=self.replicas, rank=rank, shuffle=False)
+        return GlobalBatchLoader(items, sampler)
+
+    test_dataloader = val_dataloader
+
+
 def eval_reference(net: nn.Module, val_plan: list[list[FormBatch]]) -> float:
     """The token-weighted mean of the masked token losses over every rank's validation micro-batches."""
     with torch.no_grad():

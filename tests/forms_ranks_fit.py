@@ -19,6 +19,7 @@ from forms import (
     EvalModule,
     FormCase,
     FormModule,
+    GlobalLoaderEvalModule,
     fit_form,
     plan_of,
     segments_ranks_case,
@@ -44,6 +45,8 @@ FITS = [
     ("segments ddp lookahead", segments_ranks_case, "ddp", "lookahead"),
 ]
 VAL_PLAN = plan_of(weighted_batch, [[5, 5, 1], [3, 2]], tokens=4)  # uneven ranks, short last batches
+# 5 sequences dealt in micro-batches of 2 by a GlobalBatchLoader: rank 0 [0, 1] [4], rank 1 [2, 3] and padding.
+VAL_SEQUENCES = weighted_batch(5, seed=11, tokens=4)
 
 
 class FSDP2FormModule(FormModule):
@@ -84,6 +87,8 @@ if __name__ == "__main__":
                          callbacks=[SampleCountRescaler()], **quiet)  # fmt: skip
     (results["validate"],) = trainer.validate(module)
     results["validate net"] = torch.cat([p.detach().reshape(-1) for p in module.net.parameters()])
+    module = GlobalLoaderEvalModule(module.net, weights_ranks_case(), VAL_SEQUENCES, replicas=2)
+    (results["validate global loader"],) = trainer.validate(module)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:

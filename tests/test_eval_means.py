@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 from cases import make_net
-from forms import EvalModule, eval_reference, fit_form, plan_of, weighted_batch, weights_case
+from forms import (
+    EvalModule,
+    GlobalLoaderEvalModule,
+    eval_reference,
+    fit_form,
+    plan_of,
+    weighted_batch,
+    weights_case,
+)
 
 from lightning_accum import SampleCountRescaler
 
@@ -40,6 +48,18 @@ def test_in_a_fit_after_the_sanity_check(measured) -> None:
     trainer = fit_form(case, module, [SampleCountRescaler()], num_sanity_val_steps=1)
     expected = eval_reference(module.net, VAL_PLAN)
     assert measured(abs(float(trainer.callback_metrics["val/item_loss"]) / expected - 1)) <= 1e-6
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_padding_of_a_global_batch_loader_counts_nothing(stage: str, measured) -> None:
+    """Rank 1 of 2 over 5 sequences in micro-batches of 2 gets [2, 3] then a padding micro-batch (sequence 0)."""
+    sequences = weighted_batch(5, seed=7, tokens=4)
+    module = GlobalLoaderEvalModule(make_net(), weights_case(), sequences, replicas=2, rank=1)
+    (logged,) = getattr(quiet_trainer(callbacks=[SampleCountRescaler()]), stage)(module)
+    expected = eval_reference(module.net, [[tuple(t[2:4] for t in sequences)]])  # sequences 2 and 3 only
+    assert measured(abs(logged[f"{'val' if stage == 'validate' else 'test'}/item_loss"] / expected - 1)) <= 1e-6
+    with_padding = eval_reference(module.net, [[tuple(t[2:4] for t in sequences), tuple(t[:1] for t in sequences)]])
+    assert abs(with_padding / expected - 1) > 1e-3  # counting the substitute would be visible
 
 
 def test_without_the_rescaler_it_is_the_batch_mean() -> None:

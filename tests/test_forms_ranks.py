@@ -12,7 +12,7 @@ import torch
 from cases import EXACT_TOLERANCE, make_net
 from fits import clean_env
 from forms import eval_reference, forms_reference, segments_ranks_case, terms_ranks_case, weights_ranks_case
-from forms_ranks_fit import FITS, VAL_PLAN
+from forms_ranks_fit import FITS, VAL_PLAN, VAL_SEQUENCES
 from reference import flat_parameters, relative_distance
 
 pytestmark = pytest.mark.slow
@@ -41,3 +41,11 @@ def test_validation_mean_over_uneven_ranks(results: dict, measured) -> None:
     expected = eval_reference(net, VAL_PLAN)
     assert measured(abs(results["validate"]["val/item_loss"] / expected - 1)) <= 1e-6
     assert abs(results["validate"]["val/batch_mean"] / expected - 1) > 1e-3  # Lightning's own epoch mean
+
+
+def test_validation_through_a_global_batch_loader_counts_no_padding(results: dict, measured) -> None:
+    """Rank 1's padding micro-batch (a real sequence fetched in its place) adds nothing to the mean."""
+    net = make_net()
+    torch.nn.utils.vector_to_parameters(results["validate net"], net.parameters())
+    expected = eval_reference(net, [[VAL_SEQUENCES]])
+    assert measured(abs(results["validate global loader"]["val/item_loss"] / expected - 1)) <= 1e-6
