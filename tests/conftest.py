@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 from cases import MATRIX, Cell
 from fits import LAUNCHER_VARIABLES
+from rank_runs import TwoRankRuns
 from shared_fits import SharedFits
 
 MEASURED: dict[str, float] = {}
@@ -29,6 +30,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "cells(*ids): the matrix cells (``cases.Cell.id``) a test reads from shared_fits"
     )
+    config.addinivalue_line("markers", "two_ranks(*jobs): the jobs (``rank_jobs.JOBS``) a test reads from rank_runs")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -62,6 +64,14 @@ def shared_fits(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
         for mark in item.iter_markers("cells"):
             wanted += [by_id[cell_id] for cell_id in mark.args]
     return SharedFits(tmp_path_factory.mktemp("shared_fits"), wanted)
+
+
+@pytest.fixture(scope="session")
+def two_rank_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TwoRankRuns:
+    """The two-rank jobs of the selected tests (their ``two_ranks`` marks), run in one launch when the first of
+    them is asked for."""
+    wanted = [job for item in request.session.items for mark in item.iter_markers("two_ranks") for job in mark.args]
+    return TwoRankRuns(tmp_path_factory.mktemp("two_rank_runs"), wanted)
 
 
 @pytest.fixture
