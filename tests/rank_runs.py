@@ -7,7 +7,9 @@ one ``torch.multiprocessing`` spawn the first time a test asks for one. Both ran
 in one process group (``strategy="ddp"``, the group kept across fits: ``fits.ranks_strategy``); each job writes
 under its own folder, and rank 0 saves what it returns. The assertions stay in the tests.
 
-A job is a module-level function of ``rank_jobs.JOBS``: ``job(folder) -> dict`` of tensors and numbers.
+A job is a function of ``rank_jobs.JOBS``: ``job(folder) -> dict`` of tensors and numbers; a job that continues a
+one-process fit (a resume on two ranks) has that fit in ``rank_jobs.PREPARE``, run in the test process, in the job's
+folder, before the launch.
 """
 
 from __future__ import annotations
@@ -95,9 +97,15 @@ class TwoRankRuns:
         if name not in self.results:
             if self.failed is not None:  # one failed launch fails every job it served, without a relaunch
                 raise RuntimeError("the two-rank launch failed") from self.failed
+            from rank_jobs import PREPARE
+
             names = [n for n in dict.fromkeys([*self.wanted, name]) if n not in self.results]
             self.launches += 1
             try:
+                for n in names:
+                    if n in PREPARE:
+                        self.folder_of(n).mkdir(parents=True, exist_ok=True)
+                        PREPARE[n](self.folder_of(n))
                 self.results.update(launch(names, self.folder, self.folder / f"results{self.launches}.pt"))
             except BaseException as error:
                 self.failed = error
