@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
@@ -72,6 +73,18 @@ def two_rank_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     them is asked for."""
     wanted = [job for item in request.session.items for mark in item.iter_markers("two_ranks") for job in mark.args]
     return TwoRankRuns(tmp_path_factory.mktemp("two_rank_runs"), wanted)
+
+
+@pytest.fixture(scope="session")
+def one_process_k4_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run folder of ``scripts/train.py`` in 1 process with K=4 over ``app_runs.DIGITS_TWO_EPOCHS``: the global
+    windows of 64 digits that 2 ranks x K=2 take (torchrun, Slurm); run once per session for every such test."""
+    from app_runs import DIGITS_TWO_EPOCHS, TRAIN, run, run_dirs
+
+    tmp = tmp_path_factory.mktemp("one_process_k4")
+    run([sys.executable, TRAIN, *DIGITS_TWO_EPOCHS, "accumulation.k=4", f"paths.log_dir={tmp}"], cwd=tmp)
+    (folder,) = run_dirs(tmp)
+    return folder
 
 
 @pytest.fixture
