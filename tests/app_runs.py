@@ -24,6 +24,8 @@ from lightning_accum_app.composition import model_kwargs
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "scripts" / "train.py")
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
+DIGITS_TWO_EPOCHS = ["experiment=digits_global", "trainer.max_epochs=2", *QUIET]
+"""Two epochs of global windows of digits, as the runs on several ranks and their one-process reference take them."""
 
 
 def run(args: list[str], cwd: Path, timeout: float = 240) -> str:

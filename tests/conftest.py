@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest import mock
@@ -18,6 +19,7 @@ from unittest import mock
 import pytest
 from cases import MATRIX, Cell
 from fits import LAUNCHER_VARIABLES
+from rank_runs import TwoRankRuns
 from shared_fits import SharedFits
 
 MEASURED: dict[str, float] = {}
@@ -29,6 +31,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "cells(*ids): the matrix cells (``cases.Cell.id``) a test reads from shared_fits"
     )
+    config.addinivalue_line("markers", "two_ranks(*jobs): the jobs (``rank_jobs.JOBS``) a test reads from rank_runs")
 
 
 def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -62,6 +65,26 @@ def shared_fits(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
         for mark in item.iter_markers("cells"):
             wanted += [by_id[cell_id] for cell_id in mark.args]
     return SharedFits(tmp_path_factory.mktemp("shared_fits"), wanted)
+
+
+@pytest.fixture(scope="session")
+def two_rank_runs(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TwoRankRuns:
+    """The two-rank jobs of the selected tests (their ``two_ranks`` marks), run in one launch when the first of
+    them is asked for."""
+    wanted = [job for item in request.session.items for mark in item.iter_markers("two_ranks") for job in mark.args]
+    return TwoRankRuns(tmp_path_factory.mktemp("two_rank_runs"), wanted)
+
+
+@pytest.fixture(scope="session")
+def one_process_k4_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run folder of ``scripts/train.py`` in 1 process with K=4 over ``app_runs.DIGITS_TWO_EPOCHS``: the global
+    windows of 64 digits that 2 ranks x K=2 take (torchrun, Slurm); run once per session for every such test."""
+    from app_runs import DIGITS_TWO_EPOCHS, TRAIN, run, run_dirs
+
+    tmp = tmp_path_factory.mktemp("one_process_k4")
+    run([sys.executable, TRAIN, *DIGITS_TWO_EPOCHS, "accumulation.k=4", f"paths.log_dir={tmp}"], cwd=tmp)
+    (folder,) = run_dirs(tmp)
+    return folder
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from cases import make_net
-from fits import QUIET_TRAINER, ReleaseProcessGroup
+from fits import QUIET_TRAINER, ranks_strategy
 from reference import item_losses
 from test_sampler_resume import EPOCHS, SAMPLES, SEED, WHOLE_EPOCH, dataset, final_parameters, make_optimizer
 from torch import Tensor
@@ -74,15 +74,17 @@ class SaveAtStep(pl.Callback):
 def trainer(
     ranks: int, k: int, callbacks: list[pl.Callback], mode: str = "deferred", strategy: str | None = None, **kwargs
 ) -> pl.Trainer:
-    """A CPU Trainer of ``ranks`` processes (``ddp_spawn`` unless ``strategy``), K = ``k``, the rescaler first."""
+    """A CPU Trainer of ``ranks`` processes (``fits.ranks_strategy`` unless ``strategy``), K = ``k``, the rescaler
+    first."""
+    default_strategy, release = ranks_strategy(ranks)
     return pl.Trainer(
         accelerator="cpu",
         devices=ranks,
-        strategy=strategy or ("ddp_spawn" if ranks > 1 else "auto"),
+        strategy=strategy or default_strategy,
         max_epochs=EPOCHS,
         accumulate_grad_batches=k,
         use_distributed_sampler=False,
-        callbacks=[SampleCountRescaler(mode=mode), *callbacks, ReleaseProcessGroup()],
+        callbacks=[SampleCountRescaler(mode=mode), *callbacks, *release],
         **{**QUIET_TRAINER, **kwargs},
     )
 

@@ -42,6 +42,26 @@ class ReleaseProcessGroup(pl.Callback):
             torch.distributed.destroy_process_group()
 
 
+LAUNCHED_RANK = "LIGHTNING_ACCUM_TESTS_LAUNCHED_RANK"
+"""Set (to 1) in a rank that ``rank_runs`` started: its fits join the rank's one process group."""
+
+
+def in_launched_rank() -> bool:
+    """Whether this process is a rank that ``rank_runs`` started."""
+    return os.environ.get(LAUNCHED_RANK) == "1"
+
+
+def ranks_strategy(ranks: int) -> tuple[str, list[pl.Callback]]:
+    """The strategy of a CPU fit on ``ranks`` processes, and the callbacks that end it.
+
+    From the test process: ``ddp_spawn`` for 2 ranks, and ``ReleaseProcessGroup``. In a rank that ``rank_runs``
+    started: ``ddp`` in the process group that the rank keeps across its fits (and destroys once at its end).
+    """
+    if in_launched_rank():
+        return ("ddp" if ranks > 1 else "auto"), []
+    return ("ddp_spawn" if ranks > 1 else "auto"), [ReleaseProcessGroup()]
+
+
 class PlannedModule(pl.LightningModule):
     """Trains ``net`` on the micro-batches of ``case.plan[global_rank]``, in order."""
 

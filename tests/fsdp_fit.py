@@ -1,10 +1,11 @@
 """Fit the two-rank cases under FSDP1 (``FSDPStrategy``) or FSDP2 (``ModelParallelStrategy`` + ``fully_shard``).
 
-Usage: python tests/fsdp_fit.py fsdp1|fsdp2 OUT.pt [DEVICE]  -- rank 0 saves a dict to OUT.pt: for every fit
-of ``FITS`` its label and the full final parameters (gathered on every rank), plus under "refused" the error
-that a checkpoint inside a window raised. Lightning re-launches this script for rank 1 (as for
-strategy="ddp"); every rank runs the same fits in the same order, so one launch and one process group serve
-them all. DEVICE is "cpu" (gloo, the CI) or "cuda" (the GPU suite: 2 ranks need 2 GPUs with NCCL).
+Usage: python tests/fsdp_fit.py fsdp1|fsdp2|fsdp1,fsdp2 OUT.pt [DEVICE]  -- rank 0 saves a dict to OUT.pt (per
+version: ``{version}`` in OUT.pt is replaced by its name): for every fit of ``FITS`` its label and the full final
+parameters (gathered on every rank), plus under "refused" the error that a checkpoint inside a window raised.
+Lightning re-launches this script for rank 1 (as for strategy="ddp"); every rank runs the same fits in the same
+order, so one launch and one process group serve them all, of both versions. DEVICE is "cpu" (gloo, the CI) or
+"cuda" (the GPU suite: 2 ranks need 2 GPUs with NCCL).
 """
 
 from __future__ import annotations
@@ -173,9 +174,8 @@ def refused_mid_window_checkpoint(version: str, device: str, folder: Path) -> st
     return ""
 
 
-if __name__ == "__main__":
-    version, out = sys.argv[1], Path(sys.argv[2])
-    device = sys.argv[3] if len(sys.argv) > 3 else "cpu"
+def fit_version(version: str, device: str) -> dict[str, object]:
+    """Every fit of ``FITS`` under ``version`` (and, for FSDP1, its other sharding strategies); label -> parameters."""
     results: dict[str, object] = {}
     for label, case_fn, kind, precision, mode in FITS:
         results[label] = fit_sharded(version, device, case_fn(), kind, precision, mode)
@@ -184,8 +184,17 @@ if __name__ == "__main__":
             parameters = fit_sharded(version, device, masked_ranks_case(), "exact", "32-true", "deferred",
                                      sharding_strategy=sharding)  # fmt: skip
             results[f"masked_ranks 32-true deferred {sharding}"] = parameters
-    results["refused"] = refused_mid_window_checkpoint(version, device, out.parent)
+    return results
+
+
+if __name__ == "__main__":
+    versions, out = sys.argv[1].split(","), sys.argv[2]
+    device = sys.argv[3] if len(sys.argv) > 3 else "cpu"
+    results = {version: fit_version(version, device) for version in versions}
+    for version in versions:  # the refusals last: every fit that trains ran before the first raised
+        results[version]["refused"] = refused_mid_window_checkpoint(version, device, Path(out).parent)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()  # one process group served every fit (see keep_process_group)
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        torch.save(results, out)
+        for version in versions:
+            torch.save(results[version], out.replace("{version}", version))

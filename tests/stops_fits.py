@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from fits import QUIET_TRAINER, ReleaseProcessGroup
+from fits import QUIET_TRAINER, ranks_strategy
 from lightning.pytorch.callbacks import (
     Checkpoint,
     GradientAccumulationScheduler,
@@ -109,17 +109,18 @@ class StopAt(pl.Callback):
 
 
 def make_trainer(ranks: int, callbacks: list[pl.Callback], mode: str = "deferred", **kwargs: Any) -> pl.Trainer:
+    strategy, release = ranks_strategy(ranks)
     settings = {
         "accelerator": "cpu",
         "devices": ranks,
-        "strategy": "ddp_spawn" if ranks > 1 else "auto",
+        "strategy": strategy,
         "max_epochs": EPOCHS,
         "use_distributed_sampler": False,
         **QUIET_TRAINER,
         "enable_checkpointing": any(isinstance(c, Checkpoint) for c in callbacks),
         **kwargs,
     }
-    return pl.Trainer(callbacks=[SampleCountRescaler(mode=mode), *callbacks, ReleaseProcessGroup()], **settings)
+    return pl.Trainer(callbacks=[SampleCountRescaler(mode=mode), *callbacks, *release], **settings)
 
 
 def first_fit(case: str, tmp_path: Path, ranks: int = 1, mode: str = "deferred", stateful: bool = True) -> Path:

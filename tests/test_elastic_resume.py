@@ -25,37 +25,76 @@ def reference():
     return uninterrupted()
 
 
-def resume_under(tmp_path, before, after, mode="deferred", grouped=False, stop_step=MID_EPOCH, extra=0):
-    """Fit on ``before`` until ``stop_step`` (+ ``extra`` micro-batches), resume on ``after``; final parameters."""
-    (ranks, k, b), (ranks2, k2, b2) = before, after
-    stop = SaveAtStep(tmp_path / "split.ckpt", stop_step, extra)
+def stop_under(folder, before, mode="deferred", grouped=False, stop_step=MID_EPOCH, extra=0):
+    """Fit on ``before`` until ``stop_step`` (+ ``extra`` micro-batches); the checkpoint it saved there."""
+    ranks, k, b = before
+    stop = SaveAtStep(folder / "split.ckpt", stop_step, extra)
     trainer(ranks, k, [stop], mode).fit(ElasticModule(k, b, grouped))
-    resumed = ElasticModule(k2, b2, grouped)
-    trainer(ranks2, k2, [], mode).fit(resumed, ckpt_path=stop.path)
+    return stop.path
+
+
+def resume_from(checkpoint, after, mode="deferred", grouped=False):
+    """Resume ``checkpoint`` on ``after`` with a new Trainer; final parameters."""
+    ranks, k, b = after
+    resumed = ElasticModule(k, b, grouped)
+    trainer(ranks, k, [], mode).fit(resumed, ckpt_path=checkpoint)
     return flat_parameters(resumed.net)
 
 
-def test_one_rank_resumes_with_another_k_and_micro_batch(tmp_path, reference, measured) -> None:
-    initial, final = reference
-    assert measured(relative_distance(resume_under(tmp_path, *ONE_TO_ONE), final, initial)) < 1e-5
+def resume_under(tmp_path, before, after, mode="deferred", grouped=False, stop_step=MID_EPOCH, extra=0):
+    """Fit on ``before`` until ``stop_step`` (+ ``extra`` micro-batches), resume on ``after``; final parameters."""
+    return resume_from(stop_under(tmp_path, before, mode, grouped, stop_step, extra), after, mode, grouped)
+
+
+SPLIT_IDS = {TWO_TO_ONE: "2ranks-to-1", ONE_TO_TWO: "1rank-to-2"}
+
+
+def elastic_job(splits, mode="deferred", grouped=False, stop_step=MID_EPOCH) -> str:
+    """The name in ``rank_jobs.JOBS`` of the two-rank half of ``resume_under(splits, ...)``: the fit that stops
+    (2 ranks to 1) or the resumed fit (1 rank to 2, after the stop that ``rank_jobs.PREPARE`` fits here)."""
+    at = "epoch_end" if stop_step == EPOCH_END else "mid_epoch"
+    return f"elastic-{SPLIT_IDS[splits]}-{mode}-{'grouped' if grouped else 'ungrouped'}-{at}"
+
+
+ELASTIC_RUNS = [
+    *(
+        (splits, mode, grouped, MID_EPOCH)
+        for splits in SPLIT_IDS
+        for mode in ("deferred", "lookahead")
+        for grouped in (False, True)
+    ),
+    *((splits, "deferred", False, EPOCH_END) for splits in SPLIT_IDS),
+]
+"""The arguments (splits, mode, grouped, stop_step) of the resumes whose two-rank half runs in ``rank_runs``."""
+
+
+def resumed_on_two_ranks_and_one(two_rank_runs, splits, mode="deferred", grouped=False, stop_step=MID_EPOCH):
+    """Final parameters of ``resume_under(splits, ...)``, its two-rank half from ``rank_runs``' one launch."""
+    job = elastic_job(splits, mode, grouped, stop_step)
+    result = two_rank_runs[job]
+    if splits == ONE_TO_TWO:
+        return result["parameters"]
+    return resume_from(two_rank_runs.folder_of(job) / "split.ckpt", splits[1], mode, grouped)
 
 
 @pytest.mark.slow
+@pytest.mark.two_ranks(*(elastic_job(*run) for run in ELASTIC_RUNS if run[3] == MID_EPOCH))
 @pytest.mark.parametrize("grouped", [False, True], ids=["ungrouped", "grouped"])
 @pytest.mark.parametrize("mode", ["deferred", "lookahead"])
 @pytest.mark.parametrize("splits", [TWO_TO_ONE, ONE_TO_TWO], ids=["2ranks-to-1", "1rank-to-2"])
-def test_resume_under_another_number_of_ranks(tmp_path, reference, measured, splits, mode, grouped) -> None:
+def test_resume_under_another_number_of_ranks(reference, measured, two_rank_runs, splits, mode, grouped) -> None:
     initial, final = reference
-    parameters = resume_under(tmp_path, *splits, mode=mode, grouped=grouped)
+    parameters = resumed_on_two_ranks_and_one(two_rank_runs, splits, mode, grouped)
     assert measured(relative_distance(parameters, final, initial)) < 1e-5
 
 
 @pytest.mark.slow
+@pytest.mark.two_ranks(*(elastic_job(*run) for run in ELASTIC_RUNS if run[3] == EPOCH_END))
 @pytest.mark.parametrize("splits", [TWO_TO_ONE, ONE_TO_TWO], ids=["2ranks-to-1", "1rank-to-2"])
-def test_resume_at_an_epoch_end_under_another_number_of_ranks(tmp_path, reference, measured, splits) -> None:
+def test_resume_at_an_epoch_end_under_another_number_of_ranks(reference, measured, two_rank_runs, splits) -> None:
     # Epoch 0 has 7 micro-batches per rank under 1 x 2 x 4, 4 under 2 x 1 x 4, 13 under 1 x 4 x 2, 7 under 2 x 2 x 2.
     initial, final = reference
-    parameters = resume_under(tmp_path, *splits, stop_step=EPOCH_END)
+    parameters = resumed_on_two_ranks_and_one(two_rank_runs, splits, stop_step=EPOCH_END)
     assert measured(relative_distance(parameters, final, initial)) < 1e-5
 
 

@@ -1,8 +1,8 @@
 """The guarantee on sharded gradients: FSDP1 (``FSDPStrategy``) and FSDP2 (``ModelParallelStrategy`` with
 ``fully_shard``), 2 ranks on gloo, both modes, 32-true and bf16-mixed, against the plain-PyTorch reference.
 
-One script run per FSDP version (``fsdp_fit.py``) fits every case and saves the final full parameters; the
-tests below share it. The cases: uneven micro-batches and ranks (``uneven_ranks``), a partial last window
+One script run (``fsdp_fit.py``) fits every case under both FSDP versions and saves the final full parameters;
+the tests below share it. The cases: uneven micro-batches and ranks (``uneven_ranks``), a partial last window
 (``partial_window``), token masks with an empty micro-batch, an empty rank share and an empty window, AdamW and
 clipping by norm (``masked_ranks``; ``clipped_ranks`` clips at a norm that some steps exceed and others not).
 """
@@ -48,14 +48,23 @@ EXACT_FITS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["fsdp1", "fsdp2"])
-def sharded_fits(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
-    """(version, results of ``fsdp_fit.py``): one two-rank script run per FSDP version, shared by the tests."""
-    folder = tmp_path_factory.mktemp(request.param)
-    out = folder / "results.pt"
+VERSIONS = ("fsdp1", "fsdp2")
+
+
+@pytest.fixture(scope="module")
+def sharded_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder where one two-rank run of ``fsdp_fit.py`` saved both versions' results (``<version>.pt``)."""
+    folder = tmp_path_factory.mktemp("fsdp")
     script = Path(__file__).with_name("fsdp_fit.py")
-    subprocess.run([sys.executable, str(script), request.param, str(out)], check=True, cwd=folder, timeout=500)
-    return request.param, torch.load(out)
+    command = [sys.executable, str(script), ",".join(VERSIONS), str(folder / "{version}.pt")]
+    subprocess.run(command, check=True, cwd=folder, timeout=500)
+    return folder
+
+
+@pytest.fixture(scope="module", params=VERSIONS)
+def sharded_fits(request: pytest.FixtureRequest, sharded_runs: Path) -> tuple[str, dict]:
+    """(version, results of ``fsdp_fit.py``): one two-rank script run for both FSDP versions, shared by the tests."""
+    return request.param, torch.load(sharded_runs / f"{request.param}.pt")
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from cases import expected_steps, step_sets
-from fits import QUIET_TRAINER, ReleaseProcessGroup
+from fits import QUIET_TRAINER, ranks_strategy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import MicroBatch, flat_parameters, relative_distance, train_reference
@@ -92,14 +92,15 @@ class StopAt(pl.Callback):
 
 
 def fit(module: GroupedLM, callbacks: list[pl.Callback] = (), ckpt_path: Path | None = None) -> Tensor:
+    strategy, release = ranks_strategy(module.ranks)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=module.ranks,
-        strategy="ddp_spawn" if module.ranks > 1 else "auto",
+        strategy=strategy,
         max_epochs=EPOCHS,
         accumulate_grad_batches=SPLITS[module.ranks][0],
         use_distributed_sampler=False,
-        callbacks=[SampleCountRescaler(), *callbacks, ReleaseProcessGroup()],
+        callbacks=[SampleCountRescaler(), *callbacks, *release],
         **QUIET_TRAINER,
     )
     trainer.fit(module, ckpt_path=ckpt_path)
@@ -146,10 +147,11 @@ def test_grouped_run_keeps_the_trajectory_in_one_process(single_process, referen
 
 
 @pytest.mark.slow
+@pytest.mark.two_ranks("grouping-samples", "grouping-tokens")
 @pytest.mark.parametrize("grouping", ["samples", "tokens"])
-def test_grouped_run_keeps_the_trajectory_on_two_ranks(reference, measured, grouping) -> None:
+def test_grouped_run_keeps_the_trajectory_on_two_ranks(reference, measured, two_rank_runs, grouping) -> None:
     initial, final = reference
-    parameters = fit(GroupedLM(ranks=2, **GROUPINGS[grouping]))
+    parameters = two_rank_runs[f"grouping-{grouping}"]["parameters"]  # fit(GroupedLM(ranks=2, **GROUPINGS[grouping]))
     assert measured(relative_distance(parameters, final, initial)) < 1e-5
 
 

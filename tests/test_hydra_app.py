@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from app_runs import QUIET, TRAIN, read_rows, run, run_dirs, run_torchrun_nodes, update_distance
+from app_runs import DIGITS_TWO_EPOCHS, QUIET, TRAIN, read_rows, run, run_dirs, run_torchrun_nodes, update_distance
 from omegaconf import OmegaConf
 
 from lightning_accum_app.launch import STAMP_FORMAT
@@ -74,14 +74,13 @@ def test_ddp_cpu_run_writes_one_folder_from_rank_zero(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one_process_of_the_same_effective_batch(tmp_path, measured):
-    # Global windows of 64 digits: 1 process x K=4 x 16 and 2 processes x K=2 x 16, SGD with momentum.
-    common = ["experiment=digits_global", "trainer.max_epochs=2", *QUIET]
-    run([sys.executable, TRAIN, *common, "accumulation.k=4", f"paths.log_dir={tmp_path / 'one'}"], cwd=tmp_path)
+def test_torchrun_two_processes_equal_one_process_of_the_same_effective_batch(tmp_path, one_process_k4_run, measured):
+    # Global windows of 64 digits: 1 process x K=4 x 16 (the session's one_process_k4_run) and 2 processes x K=2
+    # x 16, SGD with momentum, two epochs.
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", TRAIN, "trainer=torchrun"]
-    out = run([*torchrun, *common, "accumulation.k=2", f"paths.log_dir={tmp_path / 'two'}"], cwd=tmp_path)
+    out = run([*torchrun, *DIGITS_TWO_EPOCHS, "accumulation.k=2", f"paths.log_dir={tmp_path / 'two'}"], cwd=tmp_path)
     assert out.count("Final metrics:") == 1
-    (one,) = run_dirs(tmp_path / "one")
+    one = one_process_k4_run
     (two,) = (tmp_path / "two" / "digits_global" / "runs").iterdir()  # one folder for both ranks
     assert list(two.glob("*.log")) == []  # no job log file, from either rank
     assert measured(update_distance(two, one)) < 1e-5
@@ -94,22 +93,21 @@ def test_torchrun_two_processes_equal_one_process_of_the_same_effective_batch(tm
 
 
 @pytest.mark.slow
-def test_torchrun_two_nodes_equal_one_process_of_the_same_effective_batch(tmp_path, measured):
+def test_torchrun_two_nodes_equal_one_process_of_the_same_effective_batch(tmp_path, one_process_k4_run, measured):
     # 2 nodes x 1 process, each node its own torchrun on localhost (gloo), against 1 process with the same
-    # global windows of 64 digits: 2 ranks x K=2 x 16 and 1 x K=4 x 16, SGD with momentum, one epoch.
-    common = ["experiment=digits_global", "trainer.max_epochs=1", *QUIET]
-    run([sys.executable, TRAIN, *common, "accumulation.k=4", f"paths.log_dir={tmp_path / 'one'}"], cwd=tmp_path)
-    two_nodes = [TRAIN, "trainer=torchrun", "trainer.num_nodes=2", *common, "accumulation.k=2"]
+    # global windows of 64 digits: 2 ranks x K=2 x 16 and 1 x K=4 x 16 (the session's one_process_k4_run), SGD
+    # with momentum, two epochs.
+    two_nodes = [TRAIN, "trainer=torchrun", "trainer.num_nodes=2", *DIGITS_TWO_EPOCHS, "accumulation.k=2"]
     outs = run_torchrun_nodes([*two_nodes, f"paths.log_dir={tmp_path / 'two'}"], nodes=2, cwd=tmp_path)
     assert [out.count("Final metrics:") for out in outs] == [1, 0]  # rank 0 runs on node 0
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in (tmp_path / "node1.err").read_text()  # Lightning: rank 1 of 2 on node 1
-    (one,) = run_dirs(tmp_path / "one")
+    one = one_process_k4_run
     (two,) = (tmp_path / "two" / "digits_global" / "runs").iterdir()  # one folder: both nodes share the run stamp
     assert time.strptime(two.name, STAMP_FORMAT)  # rank 0's time, shared through torchrun's store
     assert OmegaConf.load(two / ".hydra" / "config.yaml").trainer.num_nodes == 2
     assert measured(update_distance(two, one)) < 1e-5
     ref_history, dist_history = read_rows(one / "history.csv"), read_rows(two / "history.csv")
-    assert len(ref_history) == len(dist_history) == 24  # ceil(1500 / 64) steps
+    assert len(ref_history) == len(dist_history) == 2 * 24  # ceil(1500 / 64) steps per epoch
     for a, b in zip(ref_history, dist_history, strict=True):
         assert a["items_seen"] == b["items_seen"]
         assert float(b["loss"]) == pytest.approx(float(a["loss"]), rel=1e-5)

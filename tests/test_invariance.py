@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from fits import QUIET_TRAINER, ReleaseProcessGroup, clean_env
+from fits import QUIET_TRAINER, clean_env, ranks_strategy
 from reference import MicroBatch, flat_parameters, relative_distance, train_reference
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -96,14 +96,15 @@ def fit(split: tuple[int, int, int], exact: bool) -> Tensor:
     data, vocab_size = token_data()
     pl.seed_everything(SEED, verbose=False)
     module = (ExactTokenModule if exact else TokenModule)(TokenNet(vocab_size), data, b, k)
+    strategy, release = ranks_strategy(ranks)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=ranks,
-        strategy="ddp_spawn" if ranks > 1 else "auto",
+        strategy=strategy,
         max_epochs=EPOCHS,
         accumulate_grad_batches=k,
         use_distributed_sampler=not exact,
-        callbacks=[SampleCountRescaler(), ReleaseProcessGroup()] if exact else [ReleaseProcessGroup()],
+        callbacks=[SampleCountRescaler(), *release] if exact else release,
         **QUIET_TRAINER,
     )
     trainer.fit(module)
@@ -129,19 +130,39 @@ def reference() -> tuple[Tensor, Tensor]:
     return reference_run()
 
 
+def split_id(split: tuple[int, int, int]) -> str:
+    return "x".join(map(str, split))
+
+
+def invariance_job(split: tuple[int, int, int], exact: bool) -> str:
+    """The name of a two-rank ``fit(split, exact)`` in ``rank_jobs.JOBS``."""
+    return f"invariance-{'exact' if exact else 'naive'}-{split_id(split)}"
+
+
+def split_params(exact: bool) -> list:
+    """``SPLITS``, the two-rank ones fitted in ``rank_runs``' one launch."""
+    marks = {split: [pytest.mark.two_ranks(invariance_job(split, exact))] if split[0] > 1 else [] for split in SPLITS}
+    return [pytest.param(split, id=split_id(split), marks=marks[split]) for split in SPLITS]
+
+
+def fitted(split: tuple[int, int, int], exact: bool, two_rank_runs) -> Tensor:
+    """Final parameters of ``fit(split, exact)``: a two-rank split's from ``rank_runs``' launch."""
+    return two_rank_runs[invariance_job(split, exact)]["parameters"] if split[0] > 1 else fit(split, exact)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("split", SPLITS, ids=lambda s: "x".join(map(str, s)))
-def test_exact_runs_match_the_reference_for_every_split(split: tuple[int, int, int], reference) -> None:
+@pytest.mark.parametrize("split", split_params(exact=True))
+def test_exact_runs_match_the_reference_for_every_split(split: tuple[int, int, int], reference, two_rank_runs) -> None:
     initial, final = reference
-    distance = relative_distance(fit(split, exact=True), final, initial)
+    distance = relative_distance(fitted(split, True, two_rank_runs), final, initial)
     assert distance < 1e-5, f"split {split}: exact run is {distance:.2e} of the update away from the reference"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("split", SPLITS, ids=lambda s: "x".join(map(str, s)))
-def test_naive_runs_leave_the_reference(split: tuple[int, int, int], reference) -> None:
+@pytest.mark.parametrize("split", split_params(exact=False))
+def test_naive_runs_leave_the_reference(split: tuple[int, int, int], reference, two_rank_runs) -> None:
     initial, final = reference
-    distance = relative_distance(fit(split, exact=False), final, initial)
+    distance = relative_distance(fitted(split, False, two_rank_runs), final, initial)
     assert distance > 0.05, f"split {split}: naive run is only {distance:.3f} of the update away from the reference"
 
 

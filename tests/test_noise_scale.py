@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from fits import QUIET_TRAINER, ReleaseProcessGroup
+from fits import QUIET_TRAINER, ranks_strategy
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -84,19 +84,19 @@ class Record(pl.Callback):
 
 def fit(plan, k: int, tmp_path: Path, mode: str = "deferred", devices: int = 1) -> list[list[float]]:
     path = tmp_path / f"rows_{mode}_{k}_{devices}.json"
+    strategy, release = ranks_strategy(devices)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=devices,
-        strategy="ddp_spawn" if devices > 1 else "auto",
+        strategy=strategy,
         max_epochs=2,
         accumulate_grad_batches=k,
         use_distributed_sampler=False,
-        callbacks=[SampleCountRescaler(mode=mode), GradientNoiseScale(smoothing=SMOOTHING), Record(path)]
-        + ([ReleaseProcessGroup()] if devices > 1 else []),
+        callbacks=[SampleCountRescaler(mode=mode), GradientNoiseScale(smoothing=SMOOTHING), Record(path), *release],
         **QUIET_TRAINER,
     )
     trainer.fit(PlanModule(plan))
-    return json.loads(path.read_text())
+    return json.loads(path.read_text()) if trainer.global_rank == 0 else []  # rank 0 wrote them
 
 
 # ---------------------------------------------------------------------------- the plain-PyTorch reference
@@ -173,17 +173,26 @@ def test_one_process_ragged_micro_batches(tmp_path: Path, mode: str) -> None:
 UNEVEN = ([3, 5, 2, 4], [1, 2, 6, 1])  # two ranks' micro-batch sizes: every step's shares differ
 
 
-def test_two_ranks_uneven_shares(tmp_path: Path) -> None:
-    plan = [micro_batches(list(sizes), seed=10 + r) for r, sizes in enumerate(UNEVEN)]
-    rows = fit(plan, 1, tmp_path, devices=2)
-    assert_rows_match(rows, reference(plan, 1))
+def two_rank_plan(seed: int) -> list[list[tuple[Tensor, Tensor]]]:
+    """``UNEVEN``'s micro-batches, rank ``r``'s drawn with ``seed + r``."""
+    return [micro_batches(list(sizes), seed=seed + r) for r, sizes in enumerate(UNEVEN)]
+
+
+TWO_RANK_FITS = {"noise-uneven": (10, 1), "noise-accumulating": (20, 2)}
+"""The two-rank fits (``rank_jobs.JOBS``): the plan's seed and K."""
+
+
+@pytest.mark.two_ranks("noise-uneven")
+def test_two_ranks_uneven_shares(two_rank_runs) -> None:
+    seed, k = TWO_RANK_FITS["noise-uneven"]  # rows of fit(two_rank_plan(seed), k, devices=2)
+    assert_rows_match(two_rank_runs["noise-uneven"]["rows"], reference(two_rank_plan(seed), k))
 
 
 @pytest.mark.slow
-def test_two_ranks_accumulating(tmp_path: Path) -> None:
-    plan = [micro_batches(list(sizes), seed=20 + r) for r, sizes in enumerate(UNEVEN)]
-    rows = fit(plan, 2, tmp_path, devices=2)
-    assert_rows_match(rows, reference(plan, 2))
+@pytest.mark.two_ranks("noise-accumulating")
+def test_two_ranks_accumulating(two_rank_runs) -> None:
+    seed, k = TWO_RANK_FITS["noise-accumulating"]
+    assert_rows_match(two_rank_runs["noise-accumulating"]["rows"], reference(two_rank_plan(seed), k))
 
 
 def test_one_process_without_accumulation_warns_once_and_logs_nothing(tmp_path: Path) -> None:

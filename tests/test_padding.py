@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from cases import CLASSES, FEATURES, make_net
-from fits import QUIET_TRAINER, ReleaseProcessGroup
+from fits import QUIET_TRAINER, in_launched_rank, ranks_strategy
 from lightning.pytorch.strategies import DDPStrategy
 from reference import flat_parameters, relative_distance, train_reference
 from torch import Tensor, nn
@@ -81,17 +81,18 @@ class PaddingModule(SampleCountMixin, pl.LightningModule):
 
 
 def fit(ranks: int, mode: str, legacy: bool, split: tuple[int, int] | None = None, strategy: Any = None) -> Tensor:
-    """Final parameters of a fit on ``ranks`` CPU processes (``ddp_spawn`` for 2) with ``split`` = (K, B)."""
+    """Final parameters of a fit on ``ranks`` CPU processes (``fits.ranks_strategy``) with ``split`` = (K, B)."""
     split = split or SPLITS[ranks]
     model = PaddingModule(split, legacy)
+    default_strategy, release = ranks_strategy(ranks)
     pl.Trainer(
         accelerator="cpu",
         devices=ranks,
-        strategy=strategy or ("ddp_spawn" if ranks > 1 else "auto"),
+        strategy=strategy or default_strategy,
         max_epochs=EPOCHS,
         accumulate_grad_batches=split[0],
         use_distributed_sampler=False,
-        callbacks=[SampleCountRescaler(mode=mode), ReleaseProcessGroup()],
+        callbacks=[SampleCountRescaler(mode=mode), *release],
         **QUIET_TRAINER,
     ).fit(model)
     return flat_parameters(model.net)
@@ -120,20 +121,36 @@ def test_one_process_plain_dataset_is_exact(reference, measured) -> None:
         assert measured(relative_distance(fit(1, mode, legacy=False), final, initial), mode) < 1e-5
 
 
+def static_graph() -> DDPStrategy:
+    """DDP with ``static_graph=True``: spawned from the test process, or in a rank that ``rank_runs`` started."""
+    return DDPStrategy(static_graph=True, **({} if in_launched_rank() else {"start_method": "spawn"}))
+
+
+def padding_job(mode: str, legacy: bool) -> str:
+    """The name of the two-rank fit of ``test_two_ranks_padding_counts_nothing`` in ``rank_jobs.JOBS``."""
+    return f"padding-{mode}-{'legacy' if legacy else 'plain'}"
+
+
+PADDING_JOBS = [padding_job(mode, legacy) for mode in ("deferred", "lookahead") for legacy in (False, True)]
+
+
 @pytest.mark.slow
+@pytest.mark.two_ranks(*PADDING_JOBS)
 @pytest.mark.parametrize("mode", ["deferred", "lookahead"])
 @pytest.mark.parametrize("legacy", [False, True], ids=["plain-dataset", "dataset-handling-minus-1"])
-def test_two_ranks_padding_counts_nothing(reference, measured, mode: str, legacy: bool) -> None:
+def test_two_ranks_padding_counts_nothing(reference, measured, two_rank_runs, mode: str, legacy: bool) -> None:
     initial, final = reference
-    assert measured(relative_distance(fit(2, mode, legacy), final, initial)) < 1e-5
+    parameters = two_rank_runs[padding_job(mode, legacy)]["parameters"]  # fit(2, mode, legacy)
+    assert measured(relative_distance(parameters, final, initial)) < 1e-5
 
 
 @pytest.mark.slow
-def test_two_ranks_padding_read_ahead_inside_a_window(measured) -> None:
+@pytest.mark.two_ranks("padding-read_ahead")
+def test_two_ranks_padding_read_ahead_inside_a_window(measured, two_rank_runs) -> None:
     # K=11, B=1: windows of 22 samples; the last holds 3, cut into 4 micro-batches, so rank 1's second one is padding.
     # Look-ahead counts it at the window's start, read ahead before the loop delivers it: it must count 0 there too.
     initial, final = reference_for(22)
-    parameters = fit(2, "lookahead", legacy=False, split=(11, 1))
+    parameters = two_rank_runs["padding-read_ahead"]["parameters"]  # fit(2, "lookahead", legacy=False, split=(11, 1))
     assert measured(relative_distance(parameters, final, initial)) < 1e-5
 
 
@@ -141,16 +158,15 @@ def test_two_ranks_padding_read_ahead_inside_a_window(measured) -> None:
 def test_static_graph_with_accumulation_is_refused_at_setup_on_two_ranks() -> None:
     # Without the check, PyTorch's reducer stops at the first window's last backward with "expect_autograd_hooks_
     # INTERNAL ASSERT FAILED" (plain Lightning does the same); the refusal names static_graph=False.
-    static = DDPStrategy(static_graph=True, start_method="spawn")
     with pytest.raises(Exception, match=r"static_graph=True\) cannot accumulate gradients \(K=2\).*static_graph=False"):
-        fit(2, "deferred", legacy=False, strategy=static)
+        fit(2, "deferred", legacy=False, strategy=static_graph())
 
 
 @pytest.mark.slow
-def test_static_graph_without_accumulation_is_exact_on_two_ranks(reference, measured) -> None:
+@pytest.mark.two_ranks("padding-static_graph")
+def test_static_graph_without_accumulation_is_exact_on_two_ranks(reference, measured, two_rank_runs) -> None:
     initial, final = reference
-    static = DDPStrategy(static_graph=True, start_method="spawn")
-    parameters = fit(2, "deferred", legacy=False, split=(1, 4), strategy=static)
+    parameters = two_rank_runs["padding-static_graph"]["parameters"]  # fit(2, "deferred", split=(1, 4), static)
     assert measured(relative_distance(parameters, final, initial)) < 1e-5
 
 

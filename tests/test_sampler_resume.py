@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from cases import CLASSES, FEATURES, make_net
-from fits import QUIET_TRAINER, ReleaseProcessGroup
+from fits import QUIET_TRAINER, ranks_strategy
 from reference import MicroBatch, flat_parameters, item_losses, relative_distance, train_reference
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -123,14 +123,15 @@ class SaveInsideWindowAndStop(pl.Callback):
 
 
 def trainer(ranks: int, callbacks: list[pl.Callback], mode: str = "deferred") -> pl.Trainer:
+    strategy, release = ranks_strategy(ranks)
     return pl.Trainer(
         accelerator="cpu",
         devices=ranks,
-        strategy="ddp_spawn" if ranks > 1 else "auto",
+        strategy=strategy,
         max_epochs=EPOCHS,
         accumulate_grad_batches=SPLITS[ranks][0],
         use_distributed_sampler=False,
-        callbacks=[SampleCountRescaler(mode=mode), *callbacks, ReleaseProcessGroup()],
+        callbacks=[SampleCountRescaler(mode=mode), *callbacks, *release],
         **QUIET_TRAINER,
     )
 
@@ -179,14 +180,29 @@ def uninterrupted() -> tuple[Tensor, Tensor]:
     return final_parameters([WHOLE_EPOCH] * EPOCHS)
 
 
+def on_two_ranks(job: str, *values: object, id: str) -> pytest.ParameterSet:
+    """A case whose fits run in ``rank_runs``' one launch of two ranks (job ``job`` of ``rank_jobs.JOBS``)."""
+    return pytest.param(*values, id=id, marks=pytest.mark.two_ranks(job))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("ranks", "num_workers", "stop_step"),
-    [(1, 0, MID_EPOCH), (1, 2, MID_EPOCH), (2, 0, MID_EPOCH), (2, 2, MID_EPOCH), (1, 2, EPOCH_END)],
-    ids=["1rank-0workers", "1rank-2workers", "2ranks-0workers", "2ranks-2workers", "1rank-2workers-epoch_end"],
+    [
+        pytest.param(1, 0, MID_EPOCH, id="1rank-0workers"),
+        pytest.param(1, 2, MID_EPOCH, id="1rank-2workers"),
+        on_two_ranks("resume-0workers", 2, 0, MID_EPOCH, id="2ranks-0workers"),
+        on_two_ranks("resume-2workers", 2, 2, MID_EPOCH, id="2ranks-2workers"),
+        pytest.param(1, 2, EPOCH_END, id="1rank-2workers-epoch_end"),
+    ],
 )
-def test_global_batch_loader_resumes_exactly(tmp_path, uninterrupted, measured, ranks, num_workers, stop_step) -> None:
-    parameters, stop = fit_with_resume(tmp_path, ranks, num_workers, stop_step)
+def test_global_batch_loader_resumes_exactly(
+    tmp_path, uninterrupted, measured, two_rank_runs, ranks, num_workers, stop_step
+) -> None:
+    if ranks == 2:  # both ranks check the loader's position in SaveAndStop; a failed check fails the launch
+        parameters = two_rank_runs[f"resume-{num_workers}workers"]["parameters"]
+    else:
+        parameters, stop = fit_with_resume(tmp_path, ranks, num_workers, stop_step)
     initial, final = uninterrupted
     distance = relative_distance(parameters, final, initial)
     assert measured(distance) < 1e-5, f"resumed run is {distance:.2e} of the update away from the reference"
@@ -223,19 +239,31 @@ def test_plain_dataloader_resume_replays_the_start_of_the_epoch(tmp_path, uninte
     assert measured(relative_distance(parameters, final, initial)) > 1e-2
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_checkpoint_inside_a_window_resumes_exactly(tmp_path, uninterrupted, measured, ranks: int) -> None:
-    # K=2: batch 2 of epoch 1 is the first micro-batch of a window. Lightning keeps no accumulated gradient; the
-    # rescaler's state carries every rank's partial gradient and counts, and only in a checkpoint inside a window.
-    stop = SaveInsideWindowAndStop(tmp_path / "inside.ckpt", tmp_path / "boundary.ckpt")
+def fit_inside_window(folder: Path, ranks: int) -> tuple[Tensor, SaveInsideWindowAndStop]:
+    """Fit until batch 2 of epoch 1 (inside a window), saving a checkpoint there and one a batch earlier under
+    ``folder``, then fit a new module with a new Trainer from the first; final parameters."""
+    stop = SaveInsideWindowAndStop(folder / "inside.ckpt", folder / "boundary.ckpt")
     trainer(ranks, [stop]).fit(ResumableModule(ranks, num_workers=0))
     resumed = ResumableModule(ranks, num_workers=0)
     trainer(ranks, []).fit(resumed, ckpt_path=stop.path)
+    return flat_parameters(resumed.net), stop
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, on_two_ranks("resume-inside_window", 2, id="2")])
+def test_checkpoint_inside_a_window_resumes_exactly(tmp_path, uninterrupted, measured, two_rank_runs, ranks) -> None:
+    # K=2: batch 2 of epoch 1 is the first micro-batch of a window. Lightning keeps no accumulated gradient; the
+    # rescaler's state carries every rank's partial gradient and counts, and only in a checkpoint inside a window.
+    if ranks == 2:
+        parameters = two_rank_runs["resume-inside_window"]["parameters"]
+        folder = two_rank_runs.folder_of("resume-inside_window")
+    else:
+        parameters, _ = fit_inside_window(tmp_path, ranks)
+        folder = tmp_path
     initial, final = uninterrupted
-    assert measured(relative_distance(flat_parameters(resumed.net), final, initial)) < 1e-5
+    assert measured(relative_distance(parameters, final, initial)) < 1e-5
     gradient_bytes = ranks * sum(p.numel() for p in make_net().parameters()) * 4  # float32, every rank's
-    extra = stop.path.stat().st_size - stop.boundary.stat().st_size
+    extra = (folder / "inside.ckpt").stat().st_size - (folder / "boundary.ckpt").stat().st_size
     assert gradient_bytes <= measured(extra, "extra checkpoint bytes") < gradient_bytes + 4096
 
 

@@ -15,13 +15,13 @@ import time
 from pathlib import Path
 
 import pytest
-from app_runs import QUIET, TRAIN, final_parameters, read_rows, run, run_dirs, update_distance
+from app_runs import DIGITS_TWO_EPOCHS, TRAIN, final_parameters, read_rows, run, run_dirs, update_distance
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SWEEP = [sys.executable, TRAIN, "-m", "hydra/launcher=slurm", "trainer=slurm"]
 # Global windows of 64 (K=2) and 32 (K=1) digits from 2 tasks x micro-batches of 16, SGD with momentum.
-COMMON = ["experiment=digits_global", "trainer.max_epochs=2", *QUIET]
+COMMON = DIGITS_TWO_EPOCHS
 
 
 def slurm_controller_answers() -> bool:
@@ -42,12 +42,10 @@ def slurm_cluster() -> None:
 
 
 @pytest.fixture(scope="module")
-def one_process_k4(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run folder of the reference: 1 process with K=4, the global windows of 64 digits of 2 ranks x K=2."""
-    tmp = tmp_path_factory.mktemp("one_process_k4")
-    run([sys.executable, TRAIN, *COMMON, "accumulation.k=4", f"paths.log_dir={tmp}"], cwd=tmp)
-    (folder,) = run_dirs(tmp)
-    return folder
+def one_process_k4(one_process_k4_run: Path) -> Path:
+    """Run folder of the reference: 1 process with K=4, the global windows of 64 digits of 2 ranks x K=2 (the
+    session's one run of it, ``conftest.one_process_k4_run``, also for test_slurm_requeue and test_hydra_app)."""
+    return one_process_k4_run
 
 
 def assert_same_trajectory(run_dir: Path, reference_dir: Path) -> None:

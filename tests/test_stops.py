@@ -14,6 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from rank_jobs import TWO_RANK_STOPS
 from reference import relative_distance
 from stops_fits import ResumableModule, ScheduledModule, first_fit, make_trainer, resumed_fit, uninterrupted
 
@@ -25,16 +26,23 @@ EXACT = [
     ("keyboard_interrupt", 1, "deferred"),
     ("sigterm", 1, "deferred"),
     pytest.param("scheduler_killed", 1, "lookahead", marks=pytest.mark.slow),
-    pytest.param("scheduler_killed", 2, "deferred", marks=pytest.mark.slow),
-    pytest.param("max_time", 2, "deferred", marks=pytest.mark.slow),
-    pytest.param("max_steps", 2, "deferred", marks=pytest.mark.slow),
+    *(  # fitted in rank_runs' one launch of two ranks (rank_jobs.JOBS)
+        pytest.param(case, 2, "deferred", marks=[pytest.mark.slow, pytest.mark.two_ranks(f"stop-{case}")])
+        for case in TWO_RANK_STOPS
+    ),
 ]
 
 
 @pytest.mark.parametrize(("case", "ranks", "mode"), EXACT)
-def test_resume_after_a_stop_continues_exactly(tmp_path: Path, measured, case: str, ranks: int, mode: str) -> None:
-    checkpoint = first_fit(case, tmp_path, ranks, mode)
-    parameters, batches = resumed_fit(case, checkpoint, ranks, mode)
+def test_resume_after_a_stop_continues_exactly(
+    tmp_path: Path, measured, two_rank_runs, case: str, ranks: int, mode: str
+) -> None:
+    if ranks == 2:
+        assert mode == "deferred"
+        parameters = two_rank_runs[f"stop-{case}"]["parameters"]
+    else:
+        checkpoint = first_fit(case, tmp_path, ranks, mode)
+        parameters, batches = resumed_fit(case, checkpoint, ranks, mode)
     initial, final = uninterrupted(scheduled=case.startswith("scheduler"))
     distance = relative_distance(parameters, final, initial)
     assert measured(distance) < 1e-5, f"resumed run is {distance:.2e} of the update away from the reference"
