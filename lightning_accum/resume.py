@@ -6,7 +6,8 @@ mode), every rank's window totals and flat partial gradients are gathered into t
 all-reduce to agree, then two all-gathers, at checkpoint time only); the resumed fit puts each rank's share
 back before its first batch. At step boundaries nothing is added. The cost is the gradients' size times the
 number of ranks, in the checkpoint. Under FSDP (gradients sharded over the ranks) a checkpoint inside a window is
-refused: save checkpoints at step boundaries there.
+refused when it is saved, and one saved under another strategy when it is resumed: save checkpoints at step
+boundaries there.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def restore_partial_window(
     window: dict[str, Any], trainer: pl.Trainer, engine: WeightingEngine, params: Sequence[torch.nn.Parameter]
 ) -> None:
     """Put back this rank's partial gradients and window totals from ``gather_partial_window``'s state."""
+    if shards_gradients(trainer.strategy):
+        raise RuntimeError(
+            f"The checkpoint was saved inside an accumulation window; {type(trainer.strategy).__name__} shards the "
+            "gradients over the ranks and cannot take the window's partial gradients back. Resume it under the "
+            "strategy that saved it, or from a checkpoint at a step boundary "
+            "(ModelCheckpoint(every_n_train_steps=...))."
+        )
     saved_ranks = window["totals"].shape[0]
     if saved_ranks != trainer.world_size:
         raise RuntimeError(
