@@ -246,3 +246,33 @@ def test_frozen_linear_regression_converges_to_the_closed_form() -> None:
     assert math.isclose(float(noise.smoothed.trace), analytic_trace, rel_tol=CONVERGENCE_TOLERANCE)
     logged = float(trainer.callback_metrics["train/noise_scale"])
     assert math.isclose(logged, analytic_trace / analytic_grad_sq, rel_tol=CONVERGENCE_TOLERANCE), logged
+
+
+# ---------------------------------------------------------------------------- loss forms without an item mean
+
+
+class WeightedModule(PlanModule):
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        losses = item_losses(self.net, batch)
+        return self.sample_loss(losses, weight=torch.ones_like(losses))
+
+
+class BatchTermModule(PlanModule):
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self.sample_loss(item_losses(self.net, batch)) + self.batch_loss(self.net[0].weight.square().sum())
+
+
+@pytest.mark.parametrize(
+    ("module", "mode", "match"),
+    [(WeightedModule, "deferred", r"weight=.*sum\(w²\)"), (BatchTermModule, "lookahead", "batch_loss.*not items")],
+)
+def test_refuses_loss_forms_without_an_item_mean(module: type, mode: str, match: str) -> None:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        callbacks=[SampleCountRescaler(mode=mode), GradientNoiseScale()],
+        **QUIET_TRAINER,
+    )
+    with pytest.raises(RuntimeError, match=match):
+        trainer.fit(module([micro_batches([2, 3], seed=0)]))
