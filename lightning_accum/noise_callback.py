@@ -139,12 +139,12 @@ class GradientNoiseScale(Callback):
                 "precision='bf16-mixed' or '32-true'."
             )
         self._rescaler = _rescaler(trainer)
+        self._first = None  # a checkpoint restored after setup may carry a window's first micro-batch
         if self not in self._rescaler.engine.observers:
             self._rescaler.engine.observers.append(self)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pl_module = pl_module
-        self._first = None
         self._share = (trainer.global_rank, trainer.world_size)
         self.smoothed.sums = self.smoothed.sums.to(pl_module.device)
         self.smoothed.weight = self.smoothed.weight.to(pl_module.device)
@@ -244,11 +244,16 @@ class GradientNoiseScale(Callback):
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": self.smoothed.sums.tolist(), "weight": float(self.smoothed.weight)}
+        """The moving averages, and in one process the running window's first micro-batch once it was measured
+        (a checkpoint inside a window resumes the window's estimate exactly)."""
+        first = None if self._first is None else self._first.pack().tolist()
+        return {"sums": self.smoothed.sums.tolist(), "weight": float(self.smoothed.weight), "first": first}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.smoothed.sums = torch.tensor(state_dict["sums"], dtype=self.smoothed.sums.dtype)
         self.smoothed.weight = torch.tensor(state_dict["weight"], dtype=self.smoothed.weight.dtype)
+        first = state_dict.get("first")
+        self._first = None if first is None else SmallBatchTotals.unpack(torch.tensor(first, dtype=torch.float64))
 
 
 class NoiseScaleAccumulation(Callback):
