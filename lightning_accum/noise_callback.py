@@ -8,8 +8,10 @@ The small batches whose gradient norms the estimate needs (``noise_scale`` has t
 - one process with K > 1: the gradient after the window's first micro-batch, over that micro-batch's items,
   taken when the second micro-batch starts.
 
-The step's gradient is the exact item mean over the window's global count. The small-batch totals ride in the
-step's one all-reduce (the engine's ``WindowObserver`` protocol); no host read happens per micro-batch.
+The step's gradient is the exact item mean over the window's global count; its squared norm is taken once over
+all ranks (each rank its ``1/R`` share, before the step's rescale, scaled back after it). The small-batch totals
+and the shares ride in the step's one all-reduce (the engine's ``WindowObserver`` protocol); no host read happens
+per micro-batch. Checkpoints carry the running window's measured first micro-batch (one process).
 """
 
 from __future__ import annotations
