@@ -69,11 +69,17 @@ class WindowObserver(Protocol):
     window's totals (no second collective) and hands back the reduced slice once the gradients are final.
     """
 
-    def local_totals(self, local: WindowTotals) -> Tensor:
-        """This rank's 1-D vector (``local``'s device and dtype, a fixed length per observer)."""
+    def loss_form(self, form: str) -> None:
+        """A micro-batch's loss uses ``form`` (``"weight"``: per-item weights; ``"batch_loss"``: a per-micro-batch
+        term); raise here to refuse it (called in ``training_step``, before its backward)."""
 
-    def reduced(self, summed: Tensor, finished: FinishedWindow, grads: list[Tensor]) -> None:
-        """The vector summed over ranks, the finished window, and the step's final gradients."""
+    def local_totals(self, local: WindowTotals, params: Sequence[torch.nn.Parameter]) -> Tensor:
+        """This rank's 1-D vector (``local``'s device and dtype, a fixed length per observer); ``params``' gradients
+        are the window's after the data-parallel reduction and before the step's rescale."""
+
+    def reduced(self, summed: Tensor, finished: FinishedWindow, scale: Tensor) -> None:
+        """The vector summed over ranks, the finished window, and ``scale``: the factor the step multiplied the
+        gradients by (the final gradient is ``scale`` times the one ``local_totals`` saw)."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,9 @@ class WeightingEngine(ABC):
 
         A padding micro-batch counts nothing: its sum is 0 (a graph without gradient) and its count 0.
         """
+        if weighted:
+            for observer in self.observers:
+                observer.loss_form("weight")
         if self._padding:
             loss_sum, items = _nothing(loss_sum), torch.zeros_like(items)
         loss = self._loss(loss_sum, items)
@@ -146,6 +155,8 @@ class WeightingEngine(ABC):
     def batch_term(self, term: Tensor) -> Tensor:
         """The loss to backpropagate for ``term``, a 0-dim tensor whose gradient counts as its mean over the
         window's micro-batches on all ranks."""
+        for observer in self.observers:
+            observer.loss_form("batch_loss")
         loss = self._term_loss(_nothing(term) if self._padding else term)
         self.contract.record_term(loss)
         if loss.requires_grad:
@@ -187,22 +198,23 @@ class WeightingEngine(ABC):
         device = self.run.device
         local = self.window.take(device, count_dtype(device))
         agreement = EpochAgreement.of_rank(ends_epoch, epoch_batches, local.device, local.dtype)
-        extras = [observer.local_totals(WindowTotals.unpack(local)) for observer in self.observers]
+        extras = [observer.local_totals(WindowTotals.unpack(local), params) for observer in self.observers]
         reduced = self.run.reduce_sum(torch.cat([local, agreement.pack(), *extras]))
         totals = WindowTotals.unpack(reduced[: WindowTotals.size()])
         agreement = EpochAgreement.unpack(reduced[WindowTotals.size() : WindowTotals.size() + EpochAgreement.size()])
         verdict = Verdict(int(Verdict.of(**self._flags(totals, agreement))))  # the one host read per step
         self._raise_for(verdict, totals, agreement)
+        scale = torch.ones_like(totals.items)
         if verdict & Verdict.EMPTY:
             for p in params:
                 p.grad = None
         else:
-            self._rescale([p.grad for p in params if p.grad is not None], totals, verdict)
+            scale = self._rescale([p.grad for p in params if p.grad is not None], totals, verdict)
         self._finished = True
         finished = FinishedWindow(totals, verdict)
         summed = reduced[WindowTotals.size() + EpochAgreement.size() :].split([len(e) for e in extras])
         for observer, vector in zip(self.observers, summed, strict=True):
-            observer.reduced(vector, finished, [p.grad for p in params if p.grad is not None])
+            observer.reduced(vector, finished, scale)
         return finished
 
     def stepped_unfinished(self) -> bool:
@@ -260,8 +272,8 @@ class WeightingEngine(ABC):
             raise RuntimeError(self.contract.weights_message())
 
     @abstractmethod
-    def _rescale(self, grads: list[Tensor], totals: WindowTotals, verdict: Verdict) -> None:
-        """Make the accumulated gradients of a non-empty window the item mean."""
+    def _rescale(self, grads: list[Tensor], totals: WindowTotals, verdict: Verdict) -> Tensor:
+        """Make the accumulated gradients of a non-empty window the item mean; return the factor applied."""
 
 
 class DeferredEngine(WeightingEngine):
@@ -298,12 +310,12 @@ class DeferredEngine(WeightingEngine):
         assert self._unit is not None, "a micro-batch loss was computed"
         return 1.0 / self._unit
 
-    def _rescale(self, grads: list[Tensor], totals: WindowTotals, verdict: Verdict) -> None:
+    def _rescale(self, grads: list[Tensor], totals: WindowTotals, verdict: Verdict) -> Tensor:
         assert self._unit is not None, "a window with counted items had a micro-batch loss"
         run = self.run
-        scale_gradients_(
-            grads, window_rescale_factor(run.accumulate_grad_batches, run.world_size, self._unit, totals.items)
-        )
+        factor = window_rescale_factor(run.accumulate_grad_batches, run.world_size, self._unit, totals.items)
+        scale_gradients_(grads, factor)
+        return factor
 
     def state_dict(self) -> dict[str, Any]:
         return {"items_per_micro_batch": None if self._unit is None else float(self._unit)}
@@ -454,10 +466,13 @@ class LookaheadEngine(WeightingEngine):
                 "count_items(batch) apply the same rule as the loss mask."
             )
 
-    def _rescale(self, grads: list[Tensor], totals: WindowTotals, verdict: Verdict) -> None:
-        if verdict & Verdict.NOT_ALL_CARRIED:
-            assert self._window_items is not None
-            scale_gradients_(grads, self._window_items.to(totals.items) / totals.items)
+    def _rescale(self, grads: list[Tensor], totals: WindowTotals, verdict: Verdict) -> Tensor:
+        if not verdict & Verdict.NOT_ALL_CARRIED:
+            return torch.ones_like(totals.items)
+        assert self._window_items is not None
+        factor = self._window_items.to(totals.items) / totals.items
+        scale_gradients_(grads, factor)
+        return factor
 
 
 ENGINES: dict[str, type[WeightingEngine]] = {"deferred": DeferredEngine, "lookahead": LookaheadEngine}

@@ -8,13 +8,16 @@ The small batches whose gradient norms the estimate needs (``noise_scale`` has t
 - one process with K > 1: the gradient after the window's first micro-batch, over that micro-batch's items,
   taken when the second micro-batch starts.
 
-The step's gradient is the exact item mean over the window's global count. The small-batch totals ride in the
-step's one all-reduce (the engine's ``WindowObserver`` protocol); no host read happens per micro-batch.
+The step's gradient is the exact item mean over the window's global count; its squared norm is taken once over
+all ranks (each rank its ``1/R`` share, before the step's rescale, scaled back after it). The small-batch totals
+and the shares ride in the step's one all-reduce (the engine's ``WindowObserver`` protocol); no host read happens
+per micro-batch. Checkpoints carry the running window's measured first micro-batch (one process).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,7 +31,14 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from lightning_accum.callback import SampleCountRescaler
 from lightning_accum.counting import count_dtype
 from lightning_accum.engines import FinishedWindow
-from lightning_accum.noise_scale import SmallBatchTotals, SmoothedNoiseScale, noise_estimates, small_batch, squared_norm
+from lightning_accum.noise_scale import (
+    SmallBatchTotals,
+    SmoothedNoiseScale,
+    gradient_share,
+    noise_estimates,
+    small_batch,
+    squared_norm,
+)
 from lightning_accum.totals import WindowTotals
 
 
@@ -68,8 +78,10 @@ class GradientNoiseScale(Callback):
     (each rank's window on several ranks; the first micro-batch of the window in one process with K > 1) and the
     step's exact gradient, forms the unbiased estimates of ``|G|²`` and ``tr(Σ)`` (``lightning_accum.noise_scale``),
     smooths each with a bias-corrected moving average and logs them with their ratio. With K = 1 in one process
-    there is no smaller batch: it warns once and logs nothing. Cost per step and rank: one fused norm of the
-    small-batch gradient, one of the step's gradient, three values in the step's existing all-reduce.
+    there is no smaller batch: it warns once and logs nothing. Cost per step and rank on R ranks: one fused norm
+    of the rank's window gradient (in a DDP communication hook) and one of its ``1/R`` share of the step's gradient,
+    four values in the step's existing all-reduce; in one process two fused norms (the first micro-batch's
+    gradient, the window's). Per-item ``weight=`` and ``batch_loss`` terms are refused (no item-mean small batch).
 
     Args:
         smoothing: decay of the moving averages, in [0, 1) (0: each step's own estimate).
@@ -105,6 +117,7 @@ class GradientNoiseScale(Callback):
         self._pl_module: pl.LightningModule | None = None
         self._buckets: _BucketSquares | None = None
         self._first: SmallBatchTotals | None = None  # one process: the window's first micro-batch
+        self._share = (0, 1)  # (rank, ranks): this rank's share of the step's gradient norm
         self._warned = False
 
     @property
@@ -128,12 +141,13 @@ class GradientNoiseScale(Callback):
                 "precision='bf16-mixed' or '32-true'."
             )
         self._rescaler = _rescaler(trainer)
+        self._first = None  # a checkpoint restored after setup may carry a window's first micro-batch
         if self not in self._rescaler.engine.observers:
             self._rescaler.engine.observers.append(self)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._pl_module = pl_module
-        self._first = None
+        self._share = (trainer.global_rank, trainer.world_size)
         self.smoothed.sums = self.smoothed.sums.to(pl_module.device)
         self.smoothed.weight = self.smoothed.weight.to(pl_module.device)
         if trainer.world_size > 1:
@@ -186,8 +200,23 @@ class GradientNoiseScale(Callback):
 
     # ------------------------------------------------------------------ the engine's WindowObserver protocol
 
-    def local_totals(self, local: WindowTotals) -> Tensor:
-        """This rank's small batch of the window (zeros where none was taken)."""
+    def loss_form(self, form: str) -> None:
+        """Refuse the loss forms whose small-batch gradient is not an item mean over a known count."""
+        if form == "weight":
+            raise RuntimeError(
+                "GradientNoiseScale cannot estimate the noise scale with sample_loss(..., weight=...): a weighted "
+                "mean's variance is tr(Σ)·sum(w²)/sum(w)², not tr(Σ)/b, and the window's totals carry sum(w), not "
+                "sum(w²). Remove GradientNoiseScale, or give unit weights through mask=."
+            )
+        raise RuntimeError(
+            "GradientNoiseScale cannot estimate the noise scale with batch_loss(...) terms: their gradient is a mean "
+            "over micro-batches, not items, so a small batch's gradient is no item mean over its count. Remove "
+            "GradientNoiseScale, or put the term into the per-item losses of sample_loss."
+        )
+
+    def local_totals(self, local: WindowTotals, params: Sequence[torch.nn.Parameter]) -> Tensor:
+        """This rank's small batch of the window (zeros where none was taken), then the squared norm of its share
+        of the step's gradient (before the step's rescale)."""
         if self._buckets is not None:
             assert self._rescaler is not None, "attached at setup"
             small = small_batch(self._buckets.take(local.items.device), local, self._rescaler.engine.loss_factor())
@@ -195,14 +224,15 @@ class GradientNoiseScale(Callback):
             small, self._first = self._first, None
         if small is None:
             small = SmallBatchTotals.zeros(local.items.device, local.items.dtype)
-        return small.pack().to(local.items)
+        share = squared_norm(gradient_share(params, *self._share), local.items.dtype).to(local.items)
+        return torch.cat([small.pack().to(local.items), share.unsqueeze(0)])
 
-    def reduced(self, summed: Tensor, finished: FinishedWindow, grads: list[Tensor]) -> None:
-        """Estimate, smooth and log from the ranks' small batches and the step's final gradient."""
+    def reduced(self, summed: Tensor, finished: FinishedWindow, scale: Tensor) -> None:
+        """Estimate, smooth and log from the ranks' small batches and the step's gradient's squared norm."""
         items = finished.totals.items
-        grad_squared, trace, valid = noise_estimates(
-            SmallBatchTotals.unpack(summed), squared_norm(grads, items.dtype).to(items.device), items
-        )
+        small, share = summed[: SmallBatchTotals.size()], summed[SmallBatchTotals.size()]
+        big_squared = share * scale.to(share).square()
+        grad_squared, trace, valid = noise_estimates(SmallBatchTotals.unpack(small), big_squared, items)
         self.smoothed.update(grad_squared, trace, valid & ~torch.tensor(finished.empty, device=items.device))
         self.items = items
         module = self._pl_module
@@ -216,11 +246,16 @@ class GradientNoiseScale(Callback):
     # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": self.smoothed.sums.tolist(), "weight": float(self.smoothed.weight)}
+        """The moving averages, and in one process the running window's first micro-batch once it was measured
+        (a checkpoint inside a window resumes the window's estimate exactly)."""
+        first = None if self._first is None else self._first.pack().tolist()
+        return {"sums": self.smoothed.sums.tolist(), "weight": float(self.smoothed.weight), "first": first}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.smoothed.sums = torch.tensor(state_dict["sums"], dtype=self.smoothed.sums.dtype)
         self.smoothed.weight = torch.tensor(state_dict["weight"], dtype=self.smoothed.weight.dtype)
+        first = state_dict.get("first")
+        self._first = None if first is None else SmallBatchTotals.unpack(torch.tensor(first, dtype=torch.float64))
 
 
 class NoiseScaleAccumulation(Callback):

@@ -9,7 +9,11 @@ the measured squares), also when the ``b_i`` differ:
 
 With equal ``b_i = b`` they are the paper's ``(N|G_N|² - b s) / (N - b)`` and ``(s - |G_N|²) / (1/b - 1/N)``.
 Each is smoothed separately (a bias-corrected exponential moving average) before their ratio
-``B_simple = tr(Σ) / |G|²``. Nothing here imports Lightning.
+``B_simple = tr(Σ) / |G|²``.
+
+``|G_N|²`` is read once per step over all ranks, not once per rank: after the data-parallel reduction every rank
+holds the same ``G_N``, so each takes the squared norm of its own ``1/R`` of the elements (``gradient_share``) and
+the step's all-reduce adds the shares. Nothing here imports Lightning.
 """
 
 from __future__ import annotations
@@ -42,6 +46,29 @@ def squared_norm(grads: Sequence[Tensor], dtype: torch.dtype) -> Tensor:
     if not grads:
         return torch.zeros((), dtype=dtype)
     return torch.stack(torch._foreach_norm(list(grads), 2, dtype=dtype)).square().sum()
+
+
+def gradient_share(params: Sequence[torch.nn.Parameter], rank: int, ranks: int) -> list[Tensor]:
+    """Rank ``rank``'s ``1/ranks`` of the parameters' gradients: views of the elements ``[rank·P/ranks,
+    (rank+1)·P/ranks)`` of their concatenation (``P`` elements; a gradient that is ``None`` counts as zeros).
+
+    The ranks' shares are disjoint and cover every element, so their squared norms add up to the whole one.
+
+    Examples:
+        >>> a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))
+        >>> a.grad, b.grad = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([[4.0, 5.0], [6.0, 7.0]])
+        >>> [[t.tolist() for t in gradient_share([a, b], rank, 3)] for rank in range(3)]
+        [[[1.0, 2.0]], [[3.0], [4.0]], [[5.0, 6.0, 7.0]]]
+    """
+    total = sum(p.numel() for p in params)
+    start, stop = total * rank // ranks, total * (rank + 1) // ranks
+    share, offset = [], 0
+    for p in params:
+        low, high = max(start - offset, 0), min(stop - offset, p.numel())
+        if low < high and p.grad is not None:
+            share.append(p.grad.reshape(-1)[low:high])
+        offset += p.numel()
+    return share
 
 
 def small_batch(squared: Tensor, window: WindowTotals, loss_factor: Tensor) -> SmallBatchTotals:

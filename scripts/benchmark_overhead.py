@@ -15,6 +15,7 @@ of the same number of bytes, measured in the same run. It prints figures and nev
     python scripts/benchmark_overhead.py --threads 1  # the same, 1 torch thread per rank (for busy cores)
     python scripts/benchmark_overhead.py --quick      # tiny sizes, 1 repeat: a smoke check (1-2 minutes)
     python scripts/benchmark_overhead.py --device cuda --ranks 1 2   # ~94M parameters, bf16-mixed, 1 and 2 GPUs
+    python scripts/benchmark_overhead.py --modes deferred deferred+noise   # GradientNoiseScale's cost alone
 
 How it measures:
 
@@ -37,6 +38,10 @@ How it measures:
   one kernel), calls alternated, 50 of each after every repeat's fits. A copy touches twice the distinct
   memory of an in-place multiply, so where the gradients fit in the last-level cache the ratio to the copy
   can exceed 1; the ratio to the flat multiply isolates what splitting into tensors costs.
+- ``GradientNoiseScale``: with ``deferred`` and ``deferred+noise`` both run, a line gives the time per step with
+  the callback over without it, paired within each repeat (the two fits run one right after the other, in
+  alternating order), and the fastest over the fastest. The load average (1 minute) is printed at the start and
+  the end of the run.
 """
 
 from __future__ import annotations
@@ -309,12 +314,12 @@ def mode_row(name: str, mode: str, runs: list[dict[str, float]], naive: list[dic
     ]
 
 
-def print_table(results: Results, ranks_list: Sequence[int], device: str) -> None:
+def print_table(results: Results, ranks_list: Sequence[int], device: str, modes: Sequence[str]) -> None:
     memory = "torch.cuda.max_memory_allocated" if device == "cuda" else "peak RSS (ru_maxrss)"
     print(f"\nmedian [min, max] over repeats; memory is {memory}; ratios pair each fit with its repeat's naive fit")
     print_row(COLUMNS)
     for ranks in ranks_list:
-        for mode in MODES:
+        for mode in modes:
             print_row(mode_row(config_name(ranks, device), mode, results[(ranks, mode)], results[(ranks, "naive")]))
     naive = {ranks: results[(ranks, "naive")] for ranks in ranks_list}
     threads = [f"{config_name(r, device)} {runs[0]['threads']}" for r, runs in naive.items()]
@@ -323,6 +328,20 @@ def print_table(results: Results, ranks_list: Sequence[int], device: str) -> Non
         offsets = [f"{config_name(r, device)} {statistics.median(n['offset_bytes'] for n in runs) / MIB:.1f} MiB"
                    for r, runs in naive.items()]  # fmt: skip
         print("constant offset, RSS per rank before fit (Python, torch, Lightning, model, data): " + ", ".join(offsets))
+
+
+def print_noise_overhead(results: Results, ranks_list: Sequence[int], device: str) -> None:
+    """Time per step with ``GradientNoiseScale`` over without it (the default mode both), paired per repeat."""
+    for ranks in ranks_list:
+        pairs = list(zip(results[(ranks, "deferred+noise")], results[(ranks, "deferred")], strict=True))
+        ratio = [a["seconds_per_step"] / b["seconds_per_step"] for a, b in pairs]
+        fastest = min(a["seconds_per_step"] for a, _ in pairs) / min(b["seconds_per_step"] for _, b in pairs)
+        print(f"GradientNoiseScale, {config_name(ranks, device)}: time per step with / without, paired per repeat "
+              f"{spread(ratio, '.3f')}, fastest / fastest {fastest:.3f} ({len(pairs)} pairs)")  # fmt: skip
+
+
+def load_average() -> str:
+    return f"{os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else "unknown"
 
 
 def print_bandwidth(seconds: dict[str, list[float]], grads: list[Tensor], allocated: int) -> None:
@@ -360,6 +379,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, help="timed optimizer steps per fit (default from the preset)")
     parser.add_argument("--warmup", type=int, help="untimed optimizer steps before them (default from the preset)")
     parser.add_argument("--threads", type=int, help="torch threads per rank (default: torch's and Lightning's)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="the modes to fit (all)")
     parser.add_argument("--worker-mode", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--worker-ranks", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -390,11 +410,12 @@ def run_all(
     args: argparse.Namespace, repeats: int, ranks_list: Sequence[int], grads: list[Tensor]
 ) -> tuple[Results, dict[str, list[float]]]:
     """Every fit, interleaved: per repeat each configuration's modes in a rotating order, then bandwidth samples."""
-    results: Results = {(r, m): [] for r in ranks_list for m in MODES}
+    modes = tuple(m for m in MODES if m in args.modes)
+    results: Results = {(r, m): [] for r in ranks_list for m in modes}
     bandwidth: dict[str, list[float]] = {op: [] for op in OPS}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats):
-            order = MODES[repeat % len(MODES) :] + MODES[: repeat % len(MODES)]  # rotate who goes first
+            order = modes[repeat % len(modes) :] + modes[: repeat % len(modes)]  # rotate who goes first
             for ranks in ranks_list:
                 for mode in order:
                     tag = f"{repeat}-{ranks}-{mode}"
@@ -420,13 +441,20 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 5)
     ranks_list = args.ranks or ([1, 2] if args.device == "cpu" else [1])
     print(describe(size, args.device, repeats), flush=True)
+    print(f"load average (1 min) at the start: {load_average()}, {os.cpu_count()} CPUs", flush=True)
     grads = gradients_like(size, args.device)
     results, bandwidth = run_all(args, repeats, ranks_list, grads)
-    print_table(results, ranks_list, args.device)
-    print_bandwidth(bandwidth, grads, rescale_allocated_bytes(grads, args.device))
-    print_rescale_share(bandwidth, results, ranks_list, args.device)
-    print(f"look-ahead reads up to K-1 = {size.k - 1} micro-batches ahead: about {lookahead_held_bytes(size):,} bytes")
-    print("targets: time per step <= 1.03x naive on CPU DDP; peak memory <= 1.00x naive plus a constant")
+    if "naive" in args.modes:
+        print_table(results, ranks_list, args.device, [m for m in MODES if m in args.modes])
+    if {"deferred", "deferred+noise"} <= set(args.modes):
+        print_noise_overhead(results, ranks_list, args.device)
+    print(f"load average (1 min) at the end: {load_average()}")
+    if "naive" in args.modes:
+        print_bandwidth(bandwidth, grads, rescale_allocated_bytes(grads, args.device))
+        print_rescale_share(bandwidth, results, ranks_list, args.device)
+        held = lookahead_held_bytes(size)
+        print(f"look-ahead reads up to K-1 = {size.k - 1} micro-batches ahead: about {held:,} bytes")
+        print("targets: time per step <= 1.03x naive on CPU DDP; peak memory <= 1.00x naive plus a constant")
     print(f"whole run: {time.perf_counter() - started:.0f} s")
 
 

@@ -1,79 +1,64 @@
 """Does the noise scale predict the critical batch? Steps and samples to a target loss against the global batch.
 
-Each point is the Hydra app's ``experiment=critical_batch`` (digits, MLP, AdamW at a fixed learning rate,
-``GlobalBatchSampler``, ``GradientNoiseScale``) with ``accumulation.k=K`` for micro-batches of 8 samples, and
-one run with ``accumulation=noise_scale`` (K from 2, following the noise scale). Every optimizer step the full
-training set's item-mean loss is evaluated; a run stops at the first step where it reaches the target. A fit of
-McCandlish et al.'s ``S = S_min (1 + B_crit / B)`` (least squares of steps against 1/B) gives ``S_min``,
-``B_crit`` and ``E_min = S_min * B_crit``; the smoothed ``B_simple`` of each run at the target is compared with
-``B_crit``. Writes docs/figures/critical_batch.json and docs/figures/critical_batch.png.
+Two Hydra multiruns of the app (``scripts/train.py``) give the points: ``-m experiment=critical_batch
+accumulation.k=1,2,4,8,16,32`` (digits, MLP, AdamW at a fixed learning rate, ``GlobalBatchSampler``,
+``GradientNoiseScale``, micro-batches of 8) and ``-m experiment=critical_batch accumulation=noise_scale`` (K from
+2, following the noise scale). In every run ``StopAtTarget`` evaluates the full training set's item-mean loss
+after each optimizer step, stops at the first step that reaches the target and writes ``target.json`` into the
+run folder. This script then reads the run folders, fits McCandlish et al.'s ``S = S_min (1 + B_crit / B)``
+(least squares of steps against 1/B) for ``S_min``, ``B_crit`` and ``E_min = S_min * B_crit``, compares the
+smoothed ``B_simple`` of each run at the target with ``B_crit``, and writes docs/figures/critical_batch.json and
+docs/figures/critical_batch.png.
 
-    python scripts/critical_batch.py              # K = 1, 2, 4, 8, 16, 32 and noise_scale: a few minutes on a CPU
+    python scripts/critical_batch.py                    # both sweeps, the fit and the figure: minutes on a CPU
+    python scripts/critical_batch.py --reuse            # the fit and the figure from the last sweeps' folders
+    python scripts/critical_batch.py --ks 2,4 --runs /tmp/cb --out /tmp/cb callbacks.stop_at_target.target=1.0
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import lightning.pytorch as pl
 import torch
-from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from lightning_accum import GradientNoiseScale  # noqa: E402
-from lightning_accum_app.app import build  # noqa: E402
-
+TRAIN = ROOT / "scripts" / "train.py"
 KS = (1, 2, 4, 8, 16, 32)
-MICRO_BATCH = 8
-TARGET = 0.25  # item-mean cross entropy over the training set
 OUT = ROOT / "docs" / "figures"
-RUNS = Path(tempfile.gettempdir()) / "critical_batch"  # the runs write nothing there (no logger, no checkpoints)
+RUNS = Path(tempfile.gettempdir()) / "critical_batch"  # the sweeps' folders: fixed/<job>, noise_scale/<job>
 
 
-class StopAtTarget(pl.Callback):
-    """After every optimizer step: the training set's loss; stop at the first step that reaches ``TARGET``."""
-
-    def __init__(self) -> None:
-        self.samples = 0.0
-        self.step = 0
-        self.reached: dict[str, float] | None = None
-
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
-        if self.reached is not None or trainer.global_step == self.step:
-            return
-        self.step = trainer.global_step
-        self.samples += float(trainer.callback_metrics["train/items"])
-        data = trainer.datamodule.train_set
-        with torch.no_grad():
-            loss = float(torch.nn.functional.cross_entropy(pl_module(data.x), data.y))
-        if loss <= TARGET:
-            noise = next(c for c in trainer.callbacks if isinstance(c, GradientNoiseScale))
-            self.reached = {
-                "steps": trainer.global_step,
-                "samples": self.samples,
-                "noise_scale": float(noise.noise_scale),
-                "k": trainer.accumulate_grad_batches,
-            }
-            trainer.should_stop = True
+def sweep(folder: Path, overrides: list[str]) -> None:
+    """``python scripts/train.py -m experiment=critical_batch *overrides`` with its runs under ``folder``."""
+    command = [sys.executable, str(TRAIN), "-m", "experiment=critical_batch", *overrides, f"hydra.sweep.dir={folder}"]
+    print(" ".join(command[1:]), flush=True)
+    subprocess.run(command, cwd=folder.parent, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def run(*overrides: str) -> dict[str, float]:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=critical_batch", f"paths.output_dir={RUNS}", *overrides])
-    pl.seed_everything(cfg.seed, verbose=False)  # the same initial model for every point
-    datamodule, model, trainer = build(cfg)
-    stop = StopAtTarget()
-    trainer.callbacks.append(stop)
-    trainer.fit(model, datamodule=datamodule)
-    if stop.reached is None:
-        raise RuntimeError(f"{overrides}: the target loss {TARGET} was not reached in {trainer.max_epochs} epochs")
-    return stop.reached
+def read_points(folder: Path) -> list[dict[str, float]]:
+    """Every run of a sweep folder: its ``target.json`` and its global batch (K x micro-batch x ranks, each
+    sample one item) from the run's composed config, in the order of the batch."""
+    points = []
+    for path in sorted(folder.glob("*/target.json")):
+        reached = json.loads(path.read_text())
+        if not reached["reached"]:
+            raise RuntimeError(f"{path.parent}: the target loss {reached['target']} was not reached")
+        cfg = OmegaConf.load(path.parent / ".hydra" / "config.yaml")
+        devices = cfg.trainer.get("devices", 1)
+        ranks = int(devices) if str(devices).isdigit() else 1
+        batch = reached["k"] * cfg.data.micro_batch_size * ranks
+        points.append({"batch": batch, **{k: v for k, v in reached.items() if k not in ("reached", "target")}})
+    if not points:
+        raise FileNotFoundError(f"no run folder with target.json under {folder}")
+    return sorted(points, key=lambda p: p["batch"])
 
 
 def fit_critical(points: list[dict[str, float]]) -> dict[str, float]:
@@ -85,33 +70,46 @@ def fit_critical(points: list[dict[str, float]]) -> dict[str, float]:
     return {"S_min": s_min, "B_crit": slope / s_min, "E_min": slope}
 
 
-def main() -> None:
-    points = []
-    for k in KS:
-        reached = run(f"accumulation.k={k}")
-        points.append({"batch": k * MICRO_BATCH, **reached})
-        print(points[-1], flush=True)
-    follow = run("accumulation=noise_scale", "~callbacks.noise_scale")
-    print("noise_scale", follow, flush=True)
+def summarize(points: list[dict[str, float]], follow: dict[str, float], target: float) -> dict:
+    """The fit, the median smoothed ``B_simple`` at the target over the fixed-K runs and its ratio to ``B_crit``."""
     fitted = fit_critical(points)
-    measured = [p["noise_scale"] for p in points if math.isfinite(p["noise_scale"])]
-    median = sorted(measured)[len(measured) // 2]
-    summary = {
-        "target_loss": TARGET,
-        "micro_batch": MICRO_BATCH,
+    measured = sorted(p["noise_scale"] for p in points if math.isfinite(p["noise_scale"]))
+    median = measured[len(measured) // 2] if measured else float("nan")
+    return {
+        "target_loss": target,
         "points": points,
         "noise_scale_accumulation": follow,
         **fitted,
         "B_simple_median": median,
         "ratio_B_simple_to_B_crit": median / fitted["B_crit"],
     }
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "critical_batch.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ks", default=",".join(map(str, KS)), help="the fixed-K sweep's K values")
+    parser.add_argument("--runs", type=Path, default=RUNS, help="where the sweeps write their run folders")
+    parser.add_argument("--out", type=Path, default=OUT, help="where critical_batch.json and .png go")
+    parser.add_argument("--reuse", action="store_true", help="read the run folders of earlier sweeps, run none")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides added to both sweeps")
+    args = parser.parse_args(argv)
+    fixed, follow = args.runs / "fixed", args.runs / "noise_scale"
+    if not args.reuse:
+        args.runs.mkdir(parents=True, exist_ok=True)
+        sweep(fixed, [f"accumulation.k={args.ks}", *args.overrides])
+        sweep(follow, ["accumulation=noise_scale", "~callbacks.noise_scale", *args.overrides])
+    points = read_points(fixed)
+    (followed,) = read_points(follow)
+    target = json.loads(next(fixed.glob("*/target.json")).read_text())["target"]
+    summary = summarize(points, followed, target)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "critical_batch.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: v for k, v in summary.items() if k != "points"}, indent=1))
-    draw(summary)
+    draw(summary, args.out / "critical_batch.png")
+    return summary
 
 
-def draw(summary: dict) -> None:
+def draw(summary: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -139,7 +137,7 @@ def draw(summary: dict) -> None:
     ax.set_title(f"digits MLP, AdamW, train loss <= {summary['target_loss']}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(OUT / "critical_batch.png", dpi=110)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,10 @@ FOOTER = (
     "rescale allocates",
     "one fused rescale / one naive optimizer step",
     "look-ahead reads",
+    "load average (1 min) at the start",
+    "load average (1 min) at the end",
+    "GradientNoiseScale, 1 process: time per step with / without",
+    "GradientNoiseScale, 2 DDP ranks (gloo): time per step with / without",
 )
 
 

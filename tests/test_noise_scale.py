@@ -255,3 +255,93 @@ def test_frozen_linear_regression_converges_to_the_closed_form() -> None:
     assert math.isclose(float(noise.smoothed.trace), analytic_trace, rel_tol=CONVERGENCE_TOLERANCE)
     logged = float(trainer.callback_metrics["train/noise_scale"])
     assert math.isclose(logged, analytic_trace / analytic_grad_sq, rel_tol=CONVERGENCE_TOLERANCE), logged
+
+
+# ---------------------------------------------------------------------------- loss forms without an item mean
+
+
+class WeightedModule(PlanModule):
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        losses = item_losses(self.net, batch)
+        return self.sample_loss(losses, weight=torch.ones_like(losses))
+
+
+class BatchTermModule(PlanModule):
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self.sample_loss(item_losses(self.net, batch)) + self.batch_loss(self.net[0].weight.square().sum())
+
+
+@pytest.mark.parametrize(
+    ("module", "mode", "match"),
+    [(WeightedModule, "deferred", r"weight=.*sum\(w²\)"), (BatchTermModule, "lookahead", "batch_loss.*not items")],
+)
+def test_refuses_loss_forms_without_an_item_mean(module: type, mode: str, match: str) -> None:
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        accumulate_grad_batches=2,
+        callbacks=[SampleCountRescaler(mode=mode), GradientNoiseScale()],
+        **QUIET_TRAINER,
+    )
+    with pytest.raises(RuntimeError, match=match):
+        trainer.fit(module([micro_batches([2, 3], seed=0)]))
+
+
+# ---------------------------------------------------------------------------- a checkpoint inside a window
+
+
+class ResumableLoader(DataLoader):
+    """The plan's micro-batches in order; Lightning saves how many of the epoch it delivered and resumes after them."""
+
+    def __init__(self, batches: list[tuple[Tensor, Tensor]]) -> None:
+        super().__init__(batches, batch_size=None)
+        self.delivered, self.skip = 0, 0
+
+    def __iter__(self):  # type: ignore[override]
+        skip, self.skip = self.skip, 0
+        self.delivered = skip
+        for batch in list(super().__iter__())[skip:]:
+            self.delivered += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"delivered": self.delivered}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skip = state["delivered"]
+
+
+class ResumablePlanModule(PlanModule):
+    def train_dataloader(self) -> DataLoader:
+        return ResumableLoader(self.plan[0])
+
+
+class SaveAndStop(pl.Callback):
+    """After micro-batch ``batch_idx`` of the first epoch: save ``path`` and stop."""
+
+    def __init__(self, path: Path, batch_idx: int) -> None:
+        self.path, self.batch_idx = path, batch_idx
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.current_epoch == 0 and batch_idx == self.batch_idx:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize("batch_idx", [3, 4])  # K=3: a window's first micro-batch; its second (first one measured)
+def test_a_checkpoint_inside_a_window_resumes_the_estimate_exactly(tmp_path: Path, batch_idx: int) -> None:
+    plan = [micro_batches(RAGGED, seed=1)]
+    checkpoint = tmp_path / "inside.ckpt"
+    rows: list[list[float]] = []
+    for part, extra in enumerate([[SaveAndStop(checkpoint, batch_idx)], []]):
+        record = Record(tmp_path / f"rows_{part}.json")
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_epochs=2,
+            accumulate_grad_batches=3,
+            callbacks=[SampleCountRescaler(), GradientNoiseScale(smoothing=SMOOTHING), record, *extra],
+            **QUIET_TRAINER,
+        )
+        trainer.fit(ResumablePlanModule(plan), ckpt_path=checkpoint if part else None)
+        rows += record.rows
+    assert_rows_match(rows, reference(plan, 3))
