@@ -12,7 +12,8 @@ scan of ``scripts/grouping_reference.py``). An old configuration whose programme
 Then it measures the grouping with both cores busy with other work (two processes each multiplying matrices on
 one thread), and the share of a training step spent in the sampler, with ``num_workers=0`` and ``2``, at 64
 ranks' window sizes (a step of K micro-batches whose model time is ``--step`` seconds, spent waiting as on a
-GPU). It prints figures and never judges them.
+GPU), with grouped windows cut one ahead on a thread as the sampler does and cut inline when due as it did
+before, and how much longer the steps took than their model time. It prints figures and never judges them.
 
     python scripts/benchmark_sampler.py                                  # everything (half an hour on 2 busy cores)
     python scripts/benchmark_sampler.py --plot docs/sampler-scaling.png  # and draw how costs grow (log-log)
@@ -28,6 +29,7 @@ windows, so its memory shows only in part (docs/evidence/benchmarks.md measures 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import gc
 import json
@@ -51,6 +53,7 @@ from grouping_reference import reference_assign_groups, reference_length_groups
 from torch.utils.data import DataLoader
 
 from lightning_accum import GlobalBatchSampler
+from lightning_accum.data import sampler as sampler_module
 from lightning_accum.data.grouping import padded_tokens
 from lightning_accum.data.sampler import window_micro_batches
 
@@ -283,8 +286,9 @@ class TimedBatches:
         return len(self.sampler)
 
 
-def step_share(mode: str, workers: int, steps: int, step_seconds: float) -> float:
-    """The sampler's share of ``steps`` training steps at 64 ranks (K = 8 micro-batches each)."""
+def step_share(mode: str, workers: int, steps: int, step_seconds: float) -> tuple[float, float]:
+    """The sampler's share of ``steps`` training steps at 64 ranks (K = 8 micro-batches each), and how much
+    longer the steps took than their model time (the step's wait for data, whatever thread did the work)."""
     k, b = SPLITS[64]
     n = 64 * k * b * (steps + 1)
     options = {} if mode == "plain" else {"lengths": lengths_of(n)}
@@ -297,7 +301,24 @@ def step_share(mode: str, workers: int, steps: int, step_seconds: float) -> floa
         time.sleep(step_seconds / k)  # the model's share of the step: the host waits for the device
         if index + 1 == steps * k:
             break
-    return timed.seconds / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    return timed.seconds / elapsed, elapsed / (steps * step_seconds) - 1
+
+
+def cut_inline(work: Callable, items: Iterator) -> Iterator:
+    """Cut every window on the caller's thread when it is due, as the sampler did before it cut one ahead."""
+    return map(work, items)
+
+
+@contextlib.contextmanager
+def patched(module: object, name: str, value: object) -> Iterator[None]:
+    """``module.name`` set to ``value`` inside the block."""
+    saved = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
 
 
 def table(rows: list[dict]) -> None:
@@ -431,9 +452,20 @@ def main() -> None:
     steps = 3 if args.quick else 10
     print(f"\nsampler share of a training step at 64 ranks (K = 8, B = 4; {args.step:g} s of model time per step):")
     print(f"{'mode':<10} {'num_workers':>11} {'share %':>8}")
+    delays = {}
     for mode in MODES:
         for workers in (0, 2):
-            print(f"{mode:<10} {workers:>11} {100 * step_share(mode, workers, steps, args.step):>8.2f}")
+            share, delays[mode, workers] = step_share(mode, workers, steps, args.step)
+            print(f"{mode:<10} {workers:>11} {100 * share:>8.2f}")
+    print("\nthe same with every window cut inline, when due (the sampler before it cut grouped windows one ahead),")
+    print("and how much longer the steps took than their model time (sleep overshoot included: see plain):")
+    print(f"{'mode':<10} {'num_workers':>11} {'inline share %':>14} {'delay % inline':>14} {'ahead':>6}")
+    for mode in MODES:
+        for workers in (0, 2):
+            with patched(sampler_module, "one_ahead", cut_inline):
+                share, delay = step_share(mode, workers, steps, args.step)
+            ahead = delays[mode, workers]
+            print(f"{mode:<10} {workers:>11} {100 * share:>14.2f} {100 * delay:>14.2f} {100 * ahead:>6.2f}")
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min)")
     if args.plot:
         plot(rows, args.plot, spec)

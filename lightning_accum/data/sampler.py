@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from lightning_accum.data import permutation
+from lightning_accum.data.cut_ahead import one_ahead
 from lightning_accum.data.grouping import assign_groups, length_groups, require_budget
 from lightning_accum.data.permutation import BackgroundDraw, EpochOrder
 
@@ -386,20 +387,34 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         order = self.sampler.order()
+        start, self._resume = self.start, None
+        windows = self._windows_from(start)
+
+        def cut(window: tuple[int, int, int]) -> tuple[int, list[list[int]]]:
+            begin, stop, position = window
+            return position, self._micro_batches(order.take(begin, stop))
+
+        # Grouped windows take milliseconds each: the next is cut on a thread while this one trains.
+        for position, batches in map(cut, windows) if self.lengths is None else one_ahead(cut, windows):
+            for batch in batches:
+                if position >= start:
+                    yield batch
+                position += 1
+
+    def _windows_from(self, start: int) -> Iterator[tuple[int, int, int]]:
+        """``(first sample, end sample, first micro-batch)`` of each window with micro-batches from ``start`` on.
+
+        A window that a resume position has passed is skipped without drawing or cutting it.
+        """
         size = self.effective_batch_size
         full, rest = self._windows()
-        start, self._resume = self.start, None
         position = 0
         for step in range(full + (rest > 0)):
             samples = size if step < full else rest
             per_rank = _slots(samples, self.num_replicas, self.micro_batch_size) // self.num_replicas
-            if position + per_rank <= start:  # resumed past this window: skip without drawing or cutting it
-                position += per_rank
-                continue
-            for batch in self._micro_batches(order.take(step * size, step * size + samples)):
-                if position >= start:
-                    yield batch
-                position += 1
+            if position + per_rank > start:
+                yield step * size, step * size + samples, position
+            position += per_rank
 
     def _micro_batches(self, window: list[int]) -> list[list[int]]:
         """This rank's micro-batches of one window."""
