@@ -47,13 +47,26 @@ def wait_for(condition, what: str, timeout_s: float = 300.0, gave_up=lambda: "")
         time.sleep(1.0)
 
 
+def nodes_idle() -> bool:
+    idle = ["sinfo", "-h", "-N", "-t", "idle", "-o", "%N"]
+    return subprocess.run(idle, capture_output=True, text=True).stdout.split() == ["n1", "n2"]
+
+
 @pytest.fixture(autouse=True)
 def idle_nodes() -> None:
     """Both nodes idle before a test submits (a previous job may still be completing)."""
-    idle = ["sinfo", "-h", "-N", "-t", "idle", "-o", "%N"]
-    wait_for(
-        lambda: subprocess.run(idle, capture_output=True, text=True).stdout.split() == ["n1", "n2"], "idle nodes", 120
-    )
+    wait_for(nodes_idle, "idle nodes", 120)
+
+
+def release_requeued(job: str, *changes: str) -> None:
+    """Start a requeued job soon instead of at Slurm's later begin time (minutes), with ``changes``.
+
+    Not at once: the killed run's credential is revoked on its nodes with a time stamp of whole seconds, and a run
+    launched within that second is refused ("Job credential revoked", the job FAILED). So wait until its nodes
+    are idle again and let the run start a few seconds later, as Slurm's own requeue delay does.
+    """
+    wait_for(nodes_idle, "the killed run's nodes to be released", 120)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now+3", *changes], check=True)
 
 
 def job_states(job: str) -> list[str]:
@@ -88,10 +101,14 @@ def preempted_job(root: Path, shrink_to_one_node: bool) -> str:
         wait_for(lambda: progress.exists() and int(progress.read_text().split()[0]) >= 3, "3 optimizer steps")
         subprocess.run(["scancel", "--signal=USR1", job], check=True)
         wait_for(lambda: requeued_and_pending(job), "the job to be requeued")
-        # A requeued job waits for its begin time (minutes); start it now, on 1 node if asked.
-        update = ["scontrol", "update", f"JobId={job}", "StartTime=now"]
-        subprocess.run([*update, *(["NumNodes=1-1", "NumTasks=1"] if shrink_to_one_node else [])], check=True)
-        wait_for(lambda: job_states(job)[-1:] == ["COMPLETED"], "the requeued job to complete")
+        release_requeued(job, *(["NumNodes=1-1", "NumTasks=1"] if shrink_to_one_node else []))  # on 1 node if asked
+
+        def run_failed() -> str:
+            state = job_states(job)[-1:]
+            ended = state and state[0] not in ("REQUEUED", "PENDING", "RUNNING", "COMPLETING", "COMPLETED")
+            return f"the requeued run ended {state[0]}:\n{(root / 'job.out').read_text()[-3000:]}" if ended else ""
+
+        wait_for(lambda: job_states(job)[-1:] == ["COMPLETED"], "the requeued job to complete", gave_up=run_failed)
     finally:
         subprocess.run(["scancel", job])
     return job
@@ -145,7 +162,7 @@ def test_app_job_through_submitit_is_requeued_and_equals_one_process(tmp_path, o
         (job,) = slurm_jobs(sweep) or [p.name for p in (sweep / ".submitit").iterdir() if "_" in p.name]
         subprocess.run(["scancel", "--signal=USR1", job], check=True)
         wait_for(lambda: requeued_and_pending(job), "the job to be requeued", gave_up=sweep_ended)
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        release_requeued(job)
         assert sweep_proc.wait(timeout=400) == 0, (tmp_path / "sweep.err").read_text()[-5000:]
     finally:
         if sweep_proc.poll() is None:
