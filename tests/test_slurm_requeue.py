@@ -143,9 +143,17 @@ def test_app_job_through_submitit_is_requeued_and_equals_one_process(tmp_path, o
     # checkpoint exists, the job's tasks get SIGUSR1; the app's StepBoundaryRequeue (callbacks/default) saves
     # hpc_ckpt_1.ckpt in the job's run folder at the next step boundary and Lightning requeues the array task;
     # submitit waits for the requeued run, which resumes there and ends on the 1-process K=4 parameters.
-    args = [*SWEEP, *COMMON, "accumulation.k=2", f"paths.log_dir={tmp_path / 'slurm'}"]
+    # Epoch 1's steps sleep 0.25 s each (about 6 s in all, the computation unchanged), so that the signal sent once
+    # epoch 0's checkpoint exists lands inside epoch 1: unslowed, epoch 1 can end before the signal arrives.
+    slow = [
+        "+callbacks.slow._target_=slow_steps.SlowStepsFrom",
+        "+callbacks.slow.epoch=1",
+        "+callbacks.slow.seconds=0.25",
+    ]
+    args = [*SWEEP, *COMMON, "accumulation.k=2", *slow, f"paths.log_dir={tmp_path / 'slurm'}"]
+    env = {**clean_env(), "PYTHONPATH": str(Path(__file__).parent)}  # sbatch passes the environment to the job
     with (tmp_path / "sweep.out").open("w") as out, (tmp_path / "sweep.err").open("w") as err:
-        sweep_proc = subprocess.Popen(args, cwd=tmp_path, env=clean_env(), stdout=out, stderr=err)
+        sweep_proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=out, stderr=err)
     try:
 
         def sweep_ended() -> str:
