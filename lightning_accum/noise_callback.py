@@ -215,15 +215,16 @@ class GradientNoiseScale(Callback):
         )
 
     def local_totals(self, local: WindowTotals, params: Sequence[torch.nn.Parameter]) -> Tensor:
-        """This rank's small batch of the window (zeros where none was taken), then the squared norm of its share
-        of the step's gradient (before the step's rescale)."""
+        """This rank's small batch of the window, then the squared norm of its share of the step's gradient (before
+        the step's rescale); zeros, without reading the gradients, for a window without a small batch (one process
+        with K = 1, or a window of one micro-batch)."""
         if self._buckets is not None:
             assert self._rescaler is not None, "attached at setup"
             small = small_batch(self._buckets.take(local.items.device), local, self._rescaler.engine.loss_factor())
         else:
             small, self._first = self._first, None
         if small is None:
-            small = SmallBatchTotals.zeros(local.items.device, local.items.dtype)
+            return local.items.new_zeros(SmallBatchTotals.size() + 1)
         share = squared_norm(gradient_share(params, *self._share), local.items.dtype).to(local.items)
         return torch.cat([small.pack().to(local.items), share.unsqueeze(0)])
 

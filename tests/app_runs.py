@@ -6,7 +6,6 @@ import contextlib
 import csv
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from fits import clean_env
+from fits import clean_env, free_port
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from reference import relative_distance
@@ -32,13 +31,6 @@ def run(args: list[str], cwd: Path, timeout: float = 240) -> str:
     proc = subprocess.run(args, cwd=cwd, env=clean_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return proc.stdout
-
-
-def free_port() -> int:
-    """A TCP port that nothing listens on now (the OS picks it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def descendants(pid: int) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +262,10 @@ class RecordException(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         (self.folder / f"rank{trainer.global_rank}.txt").write_text(f"{type(exception).__name__}: {exception}")
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on now (the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

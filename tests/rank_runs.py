@@ -14,15 +14,13 @@ folder, before the launch.
 
 from __future__ import annotations
 
-import os
-import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.multiprocessing
-from fits import LAUNCHED_RANK
+from fits import LAUNCHED_RANK, free_port
 
 LAUNCH_TIMEOUT = 480  # seconds for one launch of every selected job
 
@@ -47,10 +45,9 @@ def run_jobs(names: list[str], folder: Path, results_file: Path) -> None:
 def spawned_rank(rank: int, names: list[str], folder: Path, results_file: Path, port: int) -> None:
     """A rank started by the spawn: the launcher's variables (as ``ddp_spawn`` sets them), then the jobs. A job
     that fails writes its traceback to ``folder/rank<R>.err``."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", NODE_RANK="0",
-        RANK=str(rank), LOCAL_RANK=str(rank), **{LAUNCHED_RANK: "1"},
-    )  # fmt: skip
+    from shared_fits import set_rank_environment
+
+    set_rank_environment(rank, port, **{LAUNCHED_RANK: "1"})
     try:
         run_jobs(names, folder, results_file)
     except BaseException:
@@ -60,23 +57,15 @@ def spawned_rank(rank: int, names: list[str], folder: Path, results_file: Path, 
 
 def launch(names: list[str], folder: Path, results_file: Path) -> dict[str, Any]:
     """Run ``names`` in one spawn of two ranks, job ``name`` in ``folder/name``; each job's result (rank 0's)."""
-    from shared_fits import free_port
+    from shared_fits import spawn_two_ranks
 
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("rank*.err"):
         old.unlink()
-    context = torch.multiprocessing.start_processes(
-        spawned_rank, args=(names, folder, results_file, free_port()), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
     try:
-        while not context.join(timeout=5):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the two-rank launch of {names} ran past {LAUNCH_TIMEOUT} s")
+        spawn_two_ranks(spawned_rank, (names, folder, results_file, free_port()), f"the two-rank launch of {names}",
+                        LAUNCH_TIMEOUT)  # fmt: skip
     except BaseException as error:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
         logs = "\n".join(p.read_text() for p in sorted(folder.glob("rank*.err")))
         raise RuntimeError(f"the two-rank launch of {names} failed:\n{logs[-6000:]}") from error
     return torch.load(results_file, weights_only=False)

@@ -12,16 +12,16 @@ Usage: python tests/shared_fits.py FOLDER CELL_ID...  -- the ``ddp`` cells named
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.multiprocessing
 from cases import CASES, MATRIX, Cell
-from fits import clean_env, fit_mode, read_metrics
+from fits import clean_env, fit_mode, free_port, read_metrics
 from lightning.pytorch.loggers import CSVLogger
 from reference import flat_parameters
 
@@ -48,17 +48,16 @@ def fit_cells(cell_ids: list[str], folder: Path) -> None:
 
 def spawned_rank(rank: int, cell_ids: list[str], folder: Path, port: int) -> None:
     """A rank started by the spawn: the launcher's variables (as ``ddp_spawn`` sets them), then the fits."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", NODE_RANK="0",
-        RANK=str(rank), LOCAL_RANK=str(rank),
-    )  # fmt: skip
+    set_rank_environment(rank, port)
     fit_cells(cell_ids, folder)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def set_rank_environment(rank: int, port: int, **extra: str) -> None:
+    """The launcher's variables of rank ``rank`` of two on this host, as ``ddp_spawn`` sets them."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", NODE_RANK="0",
+        RANK=str(rank), LOCAL_RANK=str(rank), **extra,
+    )  # fmt: skip
 
 
 def launch_ddp(cell_ids: list[str], folder: Path) -> None:
@@ -69,16 +68,24 @@ def launch_ddp(cell_ids: list[str], folder: Path) -> None:
         raise RuntimeError(f"the ddp launch of {len(cell_ids)} cells failed:\n{proc.stderr[-6000:]}")
 
 
-def launch_spawn(cell_ids: list[str], folder: Path) -> None:
-    context = torch.multiprocessing.start_processes(
-        spawned_rank, args=(cell_ids, folder, free_port()), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
+def spawn_two_ranks(target: Callable[..., None], args: tuple, what: str, timeout_s: float = LAUNCH_TIMEOUT) -> None:
+    """Run ``target(rank, *args)`` in two spawned processes and wait for both; kill them when one fails or
+    they run past ``timeout_s``."""
+    context = torch.multiprocessing.start_processes(target, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} ran past {timeout_s} s")
+    except BaseException:
+        for process in context.processes:
+            if process.is_alive():
                 process.kill()
-            raise TimeoutError(f"the spawn of {len(cell_ids)} cells ran past {LAUNCH_TIMEOUT} s")
+        raise
+
+
+def launch_spawn(cell_ids: list[str], folder: Path) -> None:
+    spawn_two_ranks(spawned_rank, (cell_ids, folder, free_port()), f"the spawn of {len(cell_ids)} cells")
 
 
 LAUNCHERS = {"ddp": launch_ddp, "spawn": launch_spawn}

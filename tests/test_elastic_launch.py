@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from app_runs import free_port, run, run_torchrun_nodes
+from app_runs import run, run_torchrun_nodes
 from elastic import MID_EPOCH, uninterrupted
+from fits import free_port
 from reference import relative_distance
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,6 @@ without TF32, as the reference computes them.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import warnings
@@ -36,7 +35,7 @@ from cases import (
     tolerance,
     uneven_ranks_case,
 )
-from fits import CountingModule, NaiveModule, fit, precision_kwargs
+from fits import CountingModule, NaiveModule, fit, free_port, precision_kwargs
 
 from lightning_accum import SampleCountRescaler
 from lightning_accum.engines import WeightingEngine
@@ -147,12 +146,6 @@ def test_naive_is_wrong_on_cuda_too(measured) -> None:
     module = NaiveModule(make_net(), case)
     fit_on_gpu(case, module, mode="")
     assert measured(distance_on_cpu(case, module.net), "naive") > NAIVE_MINIMUM
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_ddp_two_ranks_on_one_gpu_over_gloo(tmp_path: Path, measured) -> None:
