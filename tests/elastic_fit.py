@@ -54,8 +54,10 @@ class Progress(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         time.sleep(self.slow)
-        if trainer.is_global_zero:
-            self.path.write_text(f"{trainer.global_step} {trainer.world_size}\n")
+        if trainer.is_global_zero:  # written whole, then renamed: a poll never reads a truncated file
+            partial = self.path.with_suffix(".partial")
+            partial.write_text(f"{trainer.global_step} {trainer.world_size}\n")
+            partial.replace(self.path)
 
 
 def ranks_per_node_and_nodes() -> tuple[int, int]:
