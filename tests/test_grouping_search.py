@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 
+import numpy as np
 import pytest
 import torch
 from grouping_reference import reference_assign_groups, reference_length_groups
@@ -17,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lightning_accum.data.grouping import assign_groups, length_groups, padded_tokens
+from lightning_accum.data.unpadded import unpadded_run_ends
 
 
 def both(lengths: list[int], groups: int, max_samples: int | None, max_tokens: int | None) -> tuple:
@@ -67,3 +69,33 @@ def test_realistic_windows_match_the_dynamic_programme() -> None:
         if ours != "no grouping fits":
             assert sum(padded_tokens([window[p] for p in group]) for group in ours) >= sum(window)
     assert mismatches == 0
+
+
+def fits_unpadded(lengths: list[int], groups: int, max_samples: int | None, max_tokens: int | None) -> bool:
+    """Whether runs of equal lengths only can fill ``groups`` micro-batches within the limits."""
+    needed = 0
+    for length in set(lengths):
+        cap = min(len(lengths), max_samples or len(lengths), (max_tokens or length * len(lengths)) // length)
+        if cap == 0:
+            return False
+        needed += math.ceil(lengths.count(length) / cap)
+    return needed <= groups <= len(lengths)
+
+
+def test_windows_whose_micro_batches_need_no_padding() -> None:
+    """More micro-batches than distinct lengths, as at cluster size: the grouping without padding (NumPy, no
+    search) gives the oracle's groups, and it is the one that answers (the price search only on a tie)."""
+    rng = random.Random(7)
+    answered = unpadded = 0
+    for _ in range(300):
+        distinct, per_group, groups = rng.randint(1, 24), rng.randint(1, 6), rng.randint(8, 48)
+        lengths = [rng.randint(1, distinct) * 3 for _ in range(groups * per_group + rng.randint(0, per_group))]
+        max_samples = rng.choice([None, per_group + rng.randint(0, 3)])
+        max_tokens = rng.choice([None, 3 * distinct * rng.randint(1, per_group + 1)])
+        ours, oracle = both(lengths, groups, max_samples, max_tokens)
+        assert ours == oracle
+        if fits_unpadded(lengths, groups, max_samples, max_tokens):
+            unpadded += 1
+            answered += unpadded_run_ends(np.sort(np.array(lengths)), groups, max_samples, max_tokens) is not None
+            assert sum(padded_tokens([lengths[p] for p in group]) for group in ours) == sum(lengths)
+    assert unpadded >= 100 and answered >= 0.95 * unpadded, (unpadded, answered)

@@ -4,9 +4,10 @@ A micro-batch of samples padded to its longest costs ``longest * samples`` padde
 weighting the update depends only on the window's set of samples, so ``GlobalBatchSampler(lengths=...)`` may
 regroup each window freely. Grouping the length-sorted window into consecutive runs loses nothing: for any
 grouping, refilling the same group sizes from the longest samples down gives no group a longer longest
-sample. ``length_groups`` finds the runs with the least padding, ties going to the most even groups, by a
-search over a price per run (``runs``, ``priced_passes``, ``price_search``), and ``assign_groups`` deals them to
-the ranks with balanced padded tokens.
+sample. ``length_groups`` finds the runs with the least padding, ties going to the most even groups: directly
+when runs of equal lengths fill the micro-batches (``unpadded``, the common case when micro-batches outnumber
+the distinct lengths), else by a search over a price per run (``runs``, ``priced_passes``, ``price_search``);
+``assign_groups`` deals them to the ranks with balanced padded tokens.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from lightning_accum.data.price_search import cheapest_run_ends
 from lightning_accum.data.runs import Runs
+from lightning_accum.data.unpadded import unpadded_run_ends
 
 
 def length_groups(
@@ -30,8 +32,9 @@ def length_groups(
     times its samples); ``None`` means no limit. Groups are runs of the length-sorted positions, shortest
     first; among the groupings with the fewest padded tokens the one with the smallest sum of squared padded
     sizes wins (the most even), then the one whose runs end latest: splitting a run never adds padding, so a
-    group is empty only when there are fewer samples than groups. A search over a price per run
-    (``price_search``) finds it with a handful of passes of ``O(n log w)`` for ``n`` samples and runs of at
+    group is empty only when there are fewer samples than groups. When runs of equal lengths can fill the
+    groups, no padding is needed and ``unpadded`` finds the grouping in NumPy; otherwise a search over a price
+    per run (``price_search``) finds it with a handful of passes of ``O(n log w)`` for ``n`` samples and runs of at
     most ``w``, in memory ``O(n)``; a full window under ``max_samples`` alone is its sorted runs of
     ``max_samples`` (no other grouping fits).
 
@@ -50,8 +53,10 @@ def length_groups(
     order = positions.tolist()
     if max_tokens is None and max_samples is not None and len(order) == num_groups * max_samples:
         return positions.reshape(num_groups, max_samples).tolist()  # the only grouping that fits
+    ascending = table[positions]
+    ends = unpadded_run_ends(ascending, num_groups, max_samples, max_tokens) if 0 < num_groups <= len(order) else None
     try:
-        ends = cheapest_run_ends(Runs(table[positions].tolist(), max_samples, max_tokens), num_groups)
+        ends = ends or cheapest_run_ends(Runs(ascending.tolist(), max_samples, max_tokens), num_groups)
     except ValueError:
         raise ValueError(
             f"no grouping of {len(order)} samples into {num_groups} micro-batches respects max_samples={max_samples} "
