@@ -6,8 +6,9 @@ So for some price ``p / q`` per run the cheapest groupings at that price (``pric
 prices next to the last window's of the same size, or else from the fewest runs that fit and one run per sample,
 and prices each step at the slope between the two closest counts found on either side of ``G`` (never more steps
 than the corners of ``f`` between them: 3 to 8 passes in practice). At the final price, the fewest and the most runs
-of every prefix's cheapest groupings bound the counts it can have, and the grouping is read back from the last run:
-the weight's last key (the latest boundaries) makes it the one the layered dynamic programme chose.
+of every prefix's cheapest groupings bound the counts it can have (the fewest alone when the whole window's is
+``G``), and the grouping is read back from the last run: the weight's last key (the latest boundaries) makes it
+the one the layered dynamic programme chose.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
             fewest, few_cost, few_at = count, cost, (price, scale, low)
     else:
         price, scale, low = few_at
-    high = priced_pass(runs, price, scale, most=True)
+    # When the fewest runs of the cheapest groupings is exactly G, every prefix of such a grouping has its own fewest
+    # (more would make a cheapest grouping of fewer than G runs): the most runs per prefix need no pass of their own.
+    high = low if low.counts[n] == num_groups else priced_pass(runs, price, scale, most=True)
     if len(_recent_slopes) >= 64:
         _recent_slopes.clear()
     tokens = (2 * price + scale * runs.padding_weight) // (2 * scale * runs.padding_weight)
