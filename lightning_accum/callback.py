@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
-from torch.utils.hooks import RemovableHandle
 
 from lightning_accum.continuation import Continuation
 from lightning_accum.counting import item_mean, masked_sum_and_count
@@ -18,12 +17,12 @@ from lightning_accum.data.checks import warn_about_train_data
 from lightning_accum.data.loader import is_padding
 from lightning_accum.engines import ENGINES, WeightingEngine
 from lightning_accum.evaluation import EvaluationMeans
-from lightning_accum.lightning_internals import batch_token, resumed_mid_epoch, upcoming_batches, window_ends_epoch
+from lightning_accum.fit_binding import FitBinding
+from lightning_accum.lightning_internals import resumed_mid_epoch, upcoming_batches, window_ends_epoch
 from lightning_accum.logged import WindowLogger
 from lightning_accum.module_checks import warn_about_batch_statistics
 from lightning_accum.resume import gather_partial_window
 from lightning_accum.run import Run
-from lightning_accum.step_guard import guard_raw_steps
 from lightning_accum.support import require_one_optimizer, require_supported_fit
 
 
@@ -87,9 +86,7 @@ class SampleCountRescaler(Callback):
         self.mode = mode
         self.count_items = count_items
         self._engine = ENGINES[mode]()
-        self._trainer: pl.Trainer | None = None  # the fit this callback serves, from train start to teardown
-        self._batch_token: int | None = None  # the fit loop's batch for which this callback's hooks ran
-        self._step_hook: RemovableHandle | None = None
+        self._fit = FitBinding()  # the fit this callback serves, and whether its hooks ran for the loop's batch
         self._continuation = Continuation()  # what a checkpoint trained, checked against what a resume runs
 
     @property
@@ -101,18 +98,15 @@ class SampleCountRescaler(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(loss_name=self.loss_name, items_name=self.items_name)
 
-    # ------------------------------------------------------------------ a fit's start and end
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         pl_module._sample_count_rescaler = self  # what sample_loss reaches, without scanning the callbacks
         if stage != "fit":
             return
         require_supported_fit(trainer, pl_module, self.mode, type(self))
-        self._engine.begin_fit(
-            Run.of_fit(trainer, pl_module, self.count_items)
-        )  # before Lightning restores a checkpoint's state into this callback
+        # Before Lightning restores a checkpoint's state into this callback.
+        self._engine.begin_fit(Run.of_fit(trainer, pl_module, self.count_items))
         self._logger.load_state_dict({"epoch_items": 0})
-        self._batch_token = None
+        self._fit.reset()
         self._continuation = Continuation()
         # First in the list, so that every other callback's on_before_optimizer_step (clipping, gradient-norm
         # logging) sees the exact gradient, whatever order the user gave; the module's own hook runs after all.
@@ -121,13 +115,10 @@ class SampleCountRescaler(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         require_one_optimizer(trainer, pl_module)
-        self._trainer = trainer
+        self._fit.bind(trainer, self._engine.stepped_unfinished)
         self._logger.start_fit(pl_module.device)
-        self._step_hook = guard_raw_steps(
-            trainer.optimizers[0], lambda: self._engine.stepped_unfinished() and self._hooks_active()
-        )
         warn_about_train_data(trainer.train_dataloader, resumed_mid_epoch(trainer), trainer.world_size)
-        self._continuation.start_fit(trainer, self._engine, self._params())  # a resume continues, or refuses
+        self._continuation.start_fit(trainer, self._engine, self._fit.params())  # a resume continues, or refuses
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if getattr(pl_module, "_sample_count_rescaler", None) is self:
@@ -135,43 +126,26 @@ class SampleCountRescaler(Callback):
         if stage != "fit":
             return
         self._continuation.fit_ended(trainer)
-        if self._step_hook is not None:
-            self._step_hook.remove()
-            self._step_hook = None
-        self._trainer = None
-
-    def _params(self, optimizer: torch.optim.Optimizer | None = None) -> list[torch.nn.Parameter]:
-        """The parameters of ``optimizer`` (default: the fit's one optimizer), in order."""
-        assert self._trainer is not None, "called during a fit"
-        optimizer = optimizer or self._trainer.optimizers[0]
-        return [p for group in optimizer.param_groups for p in group["params"]]
-
-    def _hooks_active(self) -> bool:
-        """False while Lightning's Tuner runs the fit loop with its own callbacks in place of this one."""
-        return self._trainer is not None and self._batch_token == batch_token(self._trainer)
-
-    # ------------------------------------------------------------------ per micro-batch
+        self._fit.unbind()
 
     def micro_batch_loss(
         self, pl_module: pl.LightningModule, losses: Tensor, mask: Tensor | None, weight: Tensor | None = None
     ) -> Tensor:
         """The loss to backpropagate for one micro-batch's per-item ``losses`` (what ``sample_loss`` returns)."""
-        if not self._hooks_active():
-            # Lightning's Tuner (lr_find, scale_batch_size) runs the loop without this callback: it gets the plain
-            # item mean of the micro-batch, as from a module without the rescaler.
+        if not self._fit.active:  # the Tuner's loop (lr_find, scale_batch_size): as without the rescaler
             return item_mean(losses, mask, weight)
         return self._engine.micro_batch_loss(*masked_sum_and_count(losses, mask, weight), weighted=weight is not None)
 
     def batch_loss(self, term: Tensor) -> Tensor:
         """The loss to backpropagate for a per-micro-batch ``term`` (what ``batch_loss`` returns in training)."""
-        return self._engine.batch_term(term) if self._hooks_active() else term
+        return self._engine.batch_term(term) if self._fit.active else term
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self._batch_token is None:  # the fit's first batch: the module's start hooks have set its layers' modes
+        first = self._fit.start_batch(trainer)
+        if first:  # the module's start hooks have set its layers' modes
             warn_about_batch_statistics(pl_module)
-        first, self._batch_token = self._batch_token is None, batch_token(trainer)
         self._continuation.start_batch(trainer, self._engine.run, batch_idx, first)
         padding = partial(is_padding, trainer.train_dataloader)  # the loader marks its padding micro-batches
         self._engine.start_micro_batch(batch_idx, batch, partial(upcoming_batches, trainer, batch_idx), padding)
@@ -194,16 +168,14 @@ class SampleCountRescaler(Callback):
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self._engine.check_backward(loss)
 
-    # ------------------------------------------------------------------ per optimizer step
-
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         ends_epoch = self._engine.run.automatic and window_ends_epoch(trainer)
-        finished = self._engine.finish_window(self._params(optimizer), ends_epoch, float(trainer.num_training_batches))
+        finished = self._engine.finish_window(
+            self._fit.params(optimizer), ends_epoch, float(trainer.num_training_batches)
+        )
         self._logger.log(pl_module, finished)
-
-    # ------------------------------------------------------------------ checkpointing
 
     def state_dict(self) -> dict[str, Any]:
         """The engine's constants, the epoch's loss totals and, for a checkpoint inside a window, the window.
@@ -212,12 +184,12 @@ class SampleCountRescaler(Callback):
         (default mode), every rank's window totals and partial gradients are gathered into it, so a resumed
         fit continues the window exactly; at step boundaries nothing is added.
         """
-        trainer = self._trainer
+        trainer = self._fit.trainer
         return {
             **self._engine.state_dict(),
             **self._logger.state_dict(),
             **self._continuation.state_dict(trainer, self._engine.run.accumulate_grad_batches),
-            "window": None if trainer is None else gather_partial_window(trainer, self._engine, self._params()),
+            "window": None if trainer is None else gather_partial_window(trainer, self._engine, self._fit.params()),
         }
 
     def on_load_checkpoint(
