@@ -120,10 +120,14 @@ def fewest_micro_batches(lengths: Sequence[int], max_tokens: int) -> int:
     return count
 
 
-def _longest_first(lengths: Sequence[int] | torch.Tensor, count: int) -> list[int]:
-    """The ``count`` largest lengths, longest first (a partial sort: the budget checks read no further)."""
+def _longest_first(lengths: Sequence[int] | torch.Tensor, count: int, chunk: int = 2**22) -> list[int]:
+    """The ``count`` largest lengths, longest first (a partial sort: the budget checks read no further).
+
+    A chunk at a time: ``torch.topk`` of a whole 100M-sample table would take 1.5 GB beside it.
+    """
     table = torch.as_tensor(lengths)
-    return torch.topk(table, min(count, len(table))).values.tolist()
+    candidates = torch.cat([torch.topk(part, min(count, len(part))).values for part in table.split(chunk)] or [table])
+    return torch.topk(candidates, min(count, len(candidates))).values.tolist()
 
 
 def smallest_budget(lengths: Sequence[int] | torch.Tensor, windows: Sequence[tuple[int, int]]) -> int:
