@@ -55,6 +55,11 @@ def static_graph_fit(folder: Path) -> dict[str, Any]:
     return padding_fit("deferred", False, folder, split=(1, 4), strategy=test_padding.static_graph())
 
 
+def static_graph_manual_fit(folder: Path) -> dict[str, Any]:
+    """``test_padding``: two ranks with ``static_graph=True``, K=2 accumulated in the module's own loop."""
+    return padding_fit("deferred", False, folder, split=(2, 2), strategy=test_padding.static_graph(), manual=True)
+
+
 def invariance_fit(split: tuple[int, int, int], exact: bool, folder: Path) -> dict[str, Any]:
     """``test_invariance``: a two-rank split of the token task, exact or naive; its final parameters."""
     return {"parameters": test_invariance.fit(split, exact)}
@@ -107,6 +112,7 @@ JOBS: dict[str, Callable[[Path], dict[str, Any]]] = {
     },
     "padding-read_ahead": partial(padding_fit, "lookahead", False, split=(11, 1)),
     "padding-static_graph": static_graph_fit,
+    "padding-static_graph-manual": static_graph_manual_fit,
     **{
         test_invariance.invariance_job(split, exact): partial(invariance_fit, split, exact)
         for split in test_invariance.SPLITS
