@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lightning_accum.counting import count_dtype, masked_sum_and_count
-from lightning_accum.data.loader import is_padding
+from lightning_accum.data.loader import each_loader, is_padding
 from lightning_accum.metrics import ItemMeanLoss
 
 
@@ -43,10 +43,7 @@ class EvaluationMeans:
     def start_batch(self, loaders: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         """Note whether the evaluation batch about to run (of the stage's ``loaders``, as Lightning's
         ``trainer.val_dataloaders`` / ``test_dataloaders`` hold them) is a ``GlobalBatchLoader``'s padding."""
-        if isinstance(loaders, dict):
-            loaders = list(loaders.values())
-        loader = loaders[dataloader_idx] if isinstance(loaders, list | tuple) else loaders
-        self.padding = is_padding(loader, batch_idx)
+        self.padding = is_padding(each_loader(loaders)[dataloader_idx], batch_idx)
 
     def loss(self, pl_module: pl.LightningModule, losses: Tensor, mask: Tensor | None, weight: Tensor | None) -> Tensor:
         """Add one batch to its stage's mean, log the mean, and return the batch's own item mean (``nan`` if it

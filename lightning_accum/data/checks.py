@@ -8,7 +8,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 
-from lightning_accum.data.loader import GlobalBatchLoader
+from lightning_accum.data.loader import GlobalBatchLoader, each_loader
 from lightning_accum.data.protocol import WindowSampler
 from lightning_accum.data.sampler import GlobalBatchSampler
 
@@ -98,10 +98,7 @@ def forms_windows(loader: Any) -> bool:
         >>> forms_windows([DataLoader(range(8), batch_size=2)])
         False
     """
-    loaders = (
-        list(loader.values()) if isinstance(loader, dict) else loader if isinstance(loader, list | tuple) else [loader]
-    )
-    return all(isinstance(getattr(item, "batch_sampler", None), WindowSampler) for item in loaders)
+    return all(isinstance(getattr(item, "batch_sampler", None), WindowSampler) for item in each_loader(loader))
 
 
 def warn_about_distributed_sampler(loader: Any, world_size: int) -> None:

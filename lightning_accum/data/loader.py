@@ -177,6 +177,19 @@ class _SubstitutePadding:
             position += 1
 
 
+def each_loader(loaders: Any) -> list[Any]:
+    """The loaders that Lightning holds as one, or as a list, tuple or dict of them (``trainer.train_dataloader``,
+    ``trainer.val_dataloaders``), as a list in order.
+
+    Examples:
+        >>> each_loader({"a": range(2), "b": range(3)}), each_loader((range(2),)), each_loader(range(2))
+        ([range(0, 2), range(0, 3)], [range(0, 2)], [range(0, 2)])
+    """
+    if isinstance(loaders, dict):
+        return list(loaders.values())
+    return list(loaders) if isinstance(loaders, list | tuple) else [loaders]
+
+
 def is_padding(loader: Any, position: int) -> bool:
     """Whether micro-batch ``position`` of the epoch from the train ``loader`` is padding (counts 0 items).
 
@@ -198,12 +211,9 @@ def continue_loop_counters(trainer: Any) -> tuple[int, int] | None:
         >>> import lightning.pytorch as pl
         >>> continue_loop_counters(pl.Trainer(logger=False, enable_checkpointing=False))  # no train loader: nothing
     """
-    loaders = trainer.train_dataloader
-    if isinstance(loaders, dict):
-        loaders = list(loaders.values())
     changes = [
         loader.continue_loop_counters(trainer)
-        for loader in (loaders if isinstance(loaders, list | tuple) else [loaders])
+        for loader in each_loader(trainer.train_dataloader)
         if isinstance(loader, GlobalBatchLoader)
     ]
     return next((change for change in changes if change is not None), None)

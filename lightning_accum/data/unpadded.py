@@ -52,11 +52,9 @@ def unpadded_run_ends(
         # more of the summed run starts (the latest boundaries, behind). The gains shrink run by run within each
         # block (checked: otherwise the price search decides), so the largest gains overall are the best choice.
         block = np.repeat(np.arange(len(values)), sizes - fewest)
-        before = fewest[block] + _ranks_within(sizes - fewest)
-        squares = values[block] ** 2 * (_even_squares(sizes[block], before) - _even_squares(sizes[block], before + 1))
-        starts = _starts_sum(block_starts[block], sizes[block], before + 1) - _starts_sum(
-            block_starts[block], sizes[block], before
-        )
+        first, samples, before = block_starts[block], sizes[block], fewest[block] + _ranks_within(sizes - fewest)
+        squares = values[block] ** 2 * (_even_squares(samples, before) - _even_squares(samples, before + 1))
+        starts = _starts_sum(first, samples, before + 1) - _starts_sum(first, samples, before)
         same_block = block[1:] == block[:-1]
         grows = (squares[1:] > squares[:-1]) | ((squares[1:] == squares[:-1]) & (starts[1:] > starts[:-1]))
         if (same_block & grows).any():
