@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from lightning_accum.data.compiled_passes import available as compiled
 from lightning_accum.data.price_search import cheapest_run_ends
 from lightning_accum.data.runs import Runs
 from lightning_accum.data.unpadded import unpadded_run_ends
@@ -56,7 +57,7 @@ def length_groups(
     ascending = table[positions]
     ends = unpadded_run_ends(ascending, num_groups, max_samples, max_tokens) if 0 < num_groups <= len(order) else None
     try:
-        ends = ends or cheapest_run_ends(Runs(ascending.tolist(), max_samples, max_tokens), num_groups)
+        ends = ends or cheapest_run_ends(Runs(ascending, max_samples, max_tokens, wide_keys=compiled()), num_groups)
     except ValueError:
         raise ValueError(
             f"no grouping of {len(order)} samples into {num_groups} micro-batches respects max_samples={max_samples} "

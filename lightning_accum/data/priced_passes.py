@@ -12,6 +12,7 @@ cheapest, prefix by prefix.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from lightning_accum.data.runs import Runs
@@ -21,8 +22,8 @@ from lightning_accum.data.runs import Runs
 class PricedPass:
     """The cheapest cost ``values[j]`` of every prefix ``j`` at one price, and its fewest or most runs ``counts[j]``."""
 
-    values: list[int]
-    counts: list[int]
+    values: Sequence[int]
+    counts: Sequence[int]
 
 
 def priced_pass(runs: Runs, price: int, scale: int, most: bool) -> PricedPass:

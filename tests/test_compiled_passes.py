@@ -1,0 +1,111 @@
+"""The compiled passes (Numba) compute what the Python passes compute, at every price, ties included.
+
+The grouping tests compare whole windows with the oracle; these compare the two pass implementations directly,
+at prices where two run counts are equally cheap (where ``most`` and the read-back's count bounds decide, which a
+whole window's search seldom reaches), and check the overflow guard that hands a pass back to Python.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from lightning_accum.data import compiled_passes, price_search
+from lightning_accum.data.priced_passes import priced_pass
+from lightning_accum.data.runs import Runs
+
+pytestmark = pytest.mark.skipif(
+    not compiled_passes.available(), reason="Numba is not installed: pip install -e '.[fast]'"
+)
+
+
+def random_runs(rng: random.Random) -> Runs:
+    lengths = sorted(rng.choice([1, 2, 3, 4, 6, 8, 12]) * rng.randint(1, 4) for _ in range(rng.randint(1, 40)))
+    max_samples = rng.choice([None, 2, 3, 5])
+    max_tokens = rng.choice([None, lengths[-1] * rng.randint(1, 6)])
+    return Runs(lengths, max_samples, max_tokens, wide_keys=True)
+
+
+def tie_price(runs: Runs, rng: random.Random) -> tuple[int, int]:
+    """A price at which two run counts are equally cheap: the slope between two counts, narrowed until no count
+    between them is cheaper (or a random price when both passes give one count)."""
+    n = runs.size
+
+    def count_and_cost(price: int, scale: int) -> tuple[int, int]:
+        pass_ = priced_pass(runs, price, scale, most=False)
+        return pass_.counts[n], (pass_.values[n] - price * pass_.counts[n]) // scale
+
+    prices = [rng.randint(0, 2 * runs.longest) * runs.padding_weight for _ in range(2)]
+    (few, few_cost), (many, many_cost) = sorted(count_and_cost(price, 1) for price in prices)
+    while many > few:
+        price, scale = few_cost - many_cost, many - few
+        count, cost = count_and_cost(price, scale)
+        if scale * cost + price * count == scale * few_cost + price * few:
+            return price, scale
+        few, few_cost = (count, cost) if count < many else (few, few_cost)
+    return prices[0], 1
+
+
+def random_price(rng: random.Random) -> int:
+    """A price per run with each key's digit drawn on its own, negative lower digits included."""
+    tokens, squares, starts = rng.randint(0, 400), rng.randint(-(10**6), 10**6), rng.randint(-(10**4), 10**4)
+    return (tokens * 2**64 + squares) * 2**64 + starts
+
+
+def test_the_same_values_and_counts_at_every_price() -> None:
+    rng = random.Random(3)
+    ties = 0
+    for _ in range(600):
+        runs = random_runs(rng)
+        if runs.fits_nowhere():
+            continue
+        price, scale = tie_price(runs, rng) if rng.random() < 0.7 else (random_price(rng), rng.randint(1, 9))
+        for most in (False, True):
+            compiled = compiled_passes.compiled_pass(runs, price, scale, most)
+            python = priced_pass(runs, price, scale, most)
+            assert list(compiled.values) == python.values and compiled.counts.tolist() == python.counts
+        fewest = priced_pass(runs, price, scale, False).counts[runs.size]
+        ties += priced_pass(runs, price, scale, True).counts[runs.size] > fewest
+    assert ties >= 150, ties  # prices where the fewest and the most runs differ, so that ``most`` decides
+
+
+def test_the_same_read_back_between_the_fewest_and_the_most_runs() -> None:
+    rng = random.Random(5)
+    compared = 0
+    for _ in range(600):
+        runs = random_runs(rng)
+        if runs.fits_nowhere():
+            continue
+        price, scale = tie_price(runs, rng)
+        low = compiled_passes.compiled_pass(runs, price, scale, most=False)
+        high = compiled_passes.compiled_pass(runs, price, scale, most=True)
+        n = runs.size
+        for groups in range(int(low.counts[n]), int(high.counts[n]) + 1):
+            python = price_search._read_back(
+                runs,
+                groups,
+                price,
+                scale,
+                priced_pass(runs, price, scale, most=False),
+                priced_pass(runs, price, scale, most=True),
+            )
+            assert compiled_passes.compiled_read_back(runs, groups, price, scale, low, high) == python
+            compared += low.counts[n] < groups < high.counts[n] or low.counts[n] != high.counts[n]
+    assert compared >= 150, compared
+
+
+def test_a_pass_that_could_overflow_runs_in_python() -> None:
+    """A price whose squared-tokens digit times the samples leaves 64 bits: the guard refuses the compiled pass and
+    the dispatch runs the Python one (the grouping tests' "mixed" engine covers such hand-overs inside a search)."""
+    runs = Runs([1, 2, 2, 5, 7, 7], None, 14, wide_keys=True)
+    fits, overflows = ((5 * 2**64 + squares) * 2**64 for squares in (3, 2**61))
+    assert compiled_passes.compiled_pass(runs, fits, 1, most=False) is not None
+    assert compiled_passes.compiled_pass(runs, overflows, 1, most=False) is None
+    assert price_search._pass(runs, overflows, 1, most=False) == priced_pass(runs, overflows, 1, most=False)
+
+
+def test_wide_keys_fall_back_to_the_least_weights_when_a_key_would_not_fit_a_digit() -> None:
+    runs = Runs([2**30] * 4, None, None, wide_keys=True)
+    assert not runs.wide_keys and runs.square_weight == 4 * 4 + 1
+    assert compiled_passes.compiled_pass(runs, runs.bound(), 1, most=False) is None
