@@ -13,13 +13,15 @@ the one the layered dynamic programme chose.
 
 from __future__ import annotations
 
+from lightning_accum.data.compiled_passes import compiled_pass, compiled_read_back
 from lightning_accum.data.priced_passes import PricedPass, priced_pass
 from lightning_accum.data.runs import Runs
 
-# The price at which the last window of each size and group count was cut, as padded tokens per run (rounded) and
-# squared padded tokens per run: the next such window of the same sampler has a close one and tries prices next to
-# it first (``_probes``). Any price gives the same groups; only the number of passes depends on it.
-_recent_slopes: dict[tuple[int, int], tuple[int, int]] = {}
+# The price at which the last window of each size and group count was cut, as ``(tokens, squares, runs)``: that many
+# padded tokens plus squared padded tokens (the start term dropped) per that many runs. The next such window of the
+# same sampler has a close one and tries prices next to it first (``_probes``); its keys stay small, as compiled
+# passes need. Any price gives the same groups; only the number of passes depends on it.
+_recent_slopes: dict[tuple[int, int], tuple[int, int, int]] = {}
 
 
 def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
@@ -37,7 +39,7 @@ def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
         [1, 1]
     """
     n = runs.size
-    if any(runs.first_start[end] == end for end in range(1, n + 1)):
+    if runs.fits_nowhere():
         raise ValueError(f"no grouping of {n} samples into {num_groups} runs fits the limits")
     if num_groups >= n:
         return list(range(1, n + 1)) + [n] * (num_groups - n)
@@ -74,34 +76,40 @@ def cheapest_run_ends(runs: Runs, num_groups: int) -> list[int]:
         price, scale, low = few_at
     # When the fewest runs of the cheapest groupings is exactly G, every prefix of such a grouping has its own fewest
     # (more would make a cheapest grouping of fewer than G runs): the most runs per prefix need no pass of their own.
-    high = low if low.counts[n] == num_groups else priced_pass(runs, price, scale, most=True)
+    high = low if low.counts[n] == num_groups else _pass(runs, price, scale, most=True)
     if len(_recent_slopes) >= 64:
         _recent_slopes.clear()
-    tokens = (2 * price + scale * runs.padding_weight) // (2 * scale * runs.padding_weight)
-    _recent_slopes[n, num_groups] = (
-        tokens,
-        (price - tokens * scale * runs.padding_weight) // (scale * runs.square_weight),
+    tokens = (2 * price + runs.padding_weight) // (2 * runs.padding_weight)
+    squares = (2 * (price - tokens * runs.padding_weight) + runs.square_weight) // (2 * runs.square_weight)
+    _recent_slopes[n, num_groups] = tokens, squares, scale
+    return compiled_read_back(runs, num_groups, price, scale, low, high) or _read_back(
+        runs, num_groups, price, scale, low, high
     )
-    return _read_back(runs, num_groups, price, scale, low, high)
 
 
-def _probes(runs: Runs, tokens: int, squares: int) -> list[tuple[bool, int, int]]:
-    """Prices to try first, from the last window's: an eighth, then a half more and less in squared padded tokens
-    per run, then half a padded token per run more and less; each as ``(above, price, scale)``."""
+def _probes(runs: Runs, tokens: int, squares: int, per: int) -> list[tuple[bool, int, int]]:
+    """Prices to try first, from the last window's (``tokens`` and ``squares`` per ``per`` runs): an eighth, then a
+    half more and less in squared padded tokens, then half a padded token per run more and less; each as
+    ``(above, price, scale)``."""
     heavy, square = runs.padding_weight, runs.square_weight
     near = [
-        (sign > 0, tokens * heavy + (squares + sign * (abs(squares) // part)) * square, 1)
+        (sign > 0, tokens * heavy + (squares + sign * (abs(squares) // part)) * square, per)
         for part in (8, 2)
         for sign in (1, -1)
     ]
-    return [*near, (True, (2 * tokens + 1) * heavy, 2), (False, (2 * tokens - 1) * heavy, 2)]
+    return [*near, (True, (2 * tokens + per) * heavy, 2 * per), (False, (2 * tokens - per) * heavy, 2 * per)]
 
 
 def _priced_count(runs: Runs, price: int, scale: int) -> tuple[int, int, PricedPass]:
     """The fewest runs among the cheapest groupings at a price, their cost without the price, and the pass."""
-    low = priced_pass(runs, price, scale, most=False)
-    count = low.counts[runs.size]
+    low = _pass(runs, price, scale, most=False)
+    count = int(low.counts[runs.size])
     return count, (low.values[runs.size] - price * count) // scale, low
+
+
+def _pass(runs: Runs, price: int, scale: int, most: bool) -> PricedPass:
+    """The priced pass, compiled where it can be (``compiled_passes``), else in Python: the same values."""
+    return compiled_pass(runs, price, scale, most) or priced_pass(runs, price, scale, most)
 
 
 def _read_back(runs: Runs, num_groups: int, price: int, scale: int, low: PricedPass, high: PricedPass) -> list[int]:
