@@ -53,6 +53,8 @@ from grouping_reference import reference_assign_groups, reference_length_groups
 from torch.utils.data import DataLoader
 
 from lightning_accum import GlobalBatchSampler
+from lightning_accum.data import compiled_passes
+from lightning_accum.data import grouping as grouping_module
 from lightning_accum.data import sampler as sampler_module
 from lightning_accum.data.grouping import padded_tokens
 from lightning_accum.data.sampler import window_micro_batches
@@ -75,6 +77,12 @@ def machine() -> str:
         platform.processor() or "unknown CPU",
     )
     versions = f"Python {platform.python_version()}, torch {torch.__version__}, NumPy {np.__version__}"
+    if compiled_passes.available():
+        import numba
+
+        versions += f", Numba {numba.__version__}"
+    else:
+        versions += ", no Numba (the passes in Python)"
     return f"{model}, {os.cpu_count()} cores; {versions}"
 
 
@@ -190,12 +198,16 @@ def run_worker(implementation: str, n: int, ranks_list: list[int], windows: int,
     """
     rows = []
     data = lengths_of(n)
+    if implementation == "python":  # the sampler as it is, without Numba: the passes in Python
+        grouping_module.compiled = lambda: False
     for mode in MODES:
         for ranks in ranks_list:
             k, b = SPLITS[ranks]
             if ranks * k * b > n:
                 continue
             row = {"implementation": implementation, "n": n, "mode": mode, "ranks": ranks}
+            if implementation == "python" and mode == "plain":
+                continue
             if implementation == "old":
                 if n > min(SIZES) and mode != "plain" and ranks != min(SPLITS):
                     rows.append({**row, "skipped": "its window costs as at 1e5 samples"})
@@ -294,6 +306,8 @@ def step_share(mode: str, workers: int, steps: int, step_seconds: float) -> tupl
     options = {} if mode == "plain" else {"lengths": lengths_of(n)}
     if mode == "max_tokens":
         options["max_tokens"] = LONGEST * b
+    # Steady state: the compiled passes loaded (once per process; the table's first-batch column shows that cost).
+    next(iter(GlobalBatchSampler(256, 2, 2, num_replicas=8, rank=0, seed=1, **options | {"lengths": lengths_of(256)})))
     timed = TimedBatches(GlobalBatchSampler(n, b, k, num_replicas=64, rank=0, seed=0, **options))
     loader = DataLoader(range(n), batch_sampler=timed, num_workers=workers, collate_fn=len)
     start = time.perf_counter()
@@ -410,6 +424,20 @@ def plot(rows: list[dict], path: Path, spec: str) -> None:
     figure.savefig(path, dpi=110)
 
 
+def without_numba(args: argparse.Namespace, rows: list[dict]) -> None:
+    """The grouped windows again with the passes in Python (an install without the ``fast`` extra), beside the
+    compiled figures of the same run, at the smallest dataset size (a window's cost does not depend on it)."""
+    n = min(args.sizes)
+    compiled = {(r["mode"], r["ranks"]): r for r in rows if r["implementation"] == "new" and r["n"] == n}
+    print(f"\nwithout Numba (the passes in Python: an install without the `fast` extra), {n:.0e} samples:")
+    print(f"{'mode':<10} {'ranks':>5}  {'ms/window':>9} {'compiled':>8} {'ratio':>6}")
+    for row in in_fresh_process(args, "python", n):
+        if "ms_per_window" in row:
+            fast = compiled.get((row["mode"], row["ranks"]), {}).get("ms_per_window", math.nan)
+            ratio = row["ms_per_window"] / fast
+            print(f"{row['mode']:<10} {row['ranks']:>5}  {row['ms_per_window']:>9.2f} {fast:>8.2f} {ratio:>6.1f}")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1e5 samples, 8 and 64 ranks: a smoke check")
@@ -420,7 +448,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--old-memory", type=float, default=8.0, help="skip old configurations estimated larger (GiB)")
     parser.add_argument("--step", type=float, default=0.1, help="model seconds per training step (share)")
     parser.add_argument("--plot", type=Path, help="draw the log-log figure to this PNG")
-    parser.add_argument("--worker", choices=("new", "old"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("new", "old", "python"), help=argparse.SUPPRESS)
     parser.add_argument("--worker-n", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -444,6 +472,8 @@ def main() -> None:
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min)")
     rows = [row for n in args.sizes for impl in ("new", "old") for row in in_fresh_process(args, impl, n)]
     table(rows)
+    if compiled_passes.available():
+        without_numba(args, rows)
     if not args.quick:
         print("\nboth cores busy (two processes multiplying 512 x 512 matrices on one thread each), 1e5 samples:")
         print(f"{'mode':<10} {'ranks':>5}  {'quiet ms/window':>15} {'busy':>8} {'busy / quiet':>12}")

@@ -76,5 +76,8 @@ def test_quick_sampler_benchmark_prints_every_row(tmp_path: Path) -> None:
             assert any(re.fullmatch(row, line) for line in lines), (mode, ranks)
         for workers in (0, 2):
             assert any(re.fullmatch(rf"{mode}\s+{workers}\s+{NUMBER}", line) for line in lines), (mode, workers)
+    for mode in ("grouped", "max_tokens"):  # without Numba: Python ms, compiled ms, their ratio
+        for ranks in (8, 64):
+            assert any(re.fullmatch(rf"{mode}\s+{ranks}" + rf"\s+{NUMBER}" * 3, line) for line in lines), (mode, ranks)
     assert any(line.startswith("load average at end") for line in lines)
     assert plot.stat().st_size > 0
