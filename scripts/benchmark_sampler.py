@@ -4,7 +4,8 @@ For plain, length-grouped (``lengths``) and token-budget (``max_tokens = 4096 * 
 B: 32,768 at B = 8, 16,384 at B = 4) windows at R = 8, 64 and 512 ranks (K x B = 4 x 8, 8 x 4 and 8 x 4:
 windows of 256, 2,048 and 16,384 samples) and datasets of 1e5 to 1e8 samples, it prints the milliseconds per
 window (one rank's micro-batches of one optimizer step), the latency of the first batch (building the sampler
-from a NumPy array of lengths, drawing the epoch's order, cutting the first window) and the peak extra memory,
+from a NumPy array of lengths, drawing the epoch's order, cutting the first window; with Numba the kernels are
+loaded before, their one-time cost printed apart) and the peak extra memory,
 for the sampler as it is ("new") and as it was ("old": the epoch's order as a Python list of ``randperm``,
 lengths checked one by one, the budget check sorting every length, and the layered dynamic programme and rank
 scan of ``scripts/grouping_reference.py``). An old configuration whose programme would take longer than
@@ -200,6 +201,8 @@ def run_worker(implementation: str, n: int, ranks_list: list[int], windows: int,
     data = lengths_of(n)
     if implementation == "python":  # the sampler as it is, without Numba: the passes in Python
         grouping_module.compiled = lambda: False
+    elif implementation == "new":  # once per process, before the first window: printed apart (numba_load)
+        grouping_module.length_groups(np.arange(1, 9), 3)
     for mode in MODES:
         for ranks in ranks_list:
             k, b = SPLITS[ranks]
@@ -333,6 +336,35 @@ def patched(module: object, name: str, value: object) -> Iterator[None]:
         yield
     finally:
         setattr(module, name, saved)
+
+
+NUMBA_LOAD = """
+import os, time
+import numpy as np
+from lightning_accum.data.grouping import length_groups
+def resident():
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+before, start = resident(), time.perf_counter()
+length_groups(np.arange(1, 9), 3)  # a window that needs the price search: the kernels load (or compile)
+print(time.perf_counter() - start, (resident() - before) / 2**20)
+"""
+
+
+def numba_load() -> str:
+    """What the compiled passes cost once per process: importing Numba and loading its cached kernels (and, in a
+    fresh cache folder, compiling them, as the first run after an install does)."""
+    figures = []
+    with tempfile.TemporaryDirectory() as folder:
+        for env in ({}, {"NUMBA_CACHE_DIR": folder}, {}):
+            done = subprocess.run(
+                [sys.executable, "-c", NUMBA_LOAD], env=os.environ | env, capture_output=True, text=True, check=True
+            )
+            figures.append([float(x) for x in done.stdout.split()])
+    (warm, warm_mib), (cold, cold_mib) = figures[2], figures[1]
+    return (
+        f"Numba kernels, once per process: {warm:.2f} s and +{warm_mib:.0f} MiB resident from the cache, "
+        f"{cold:.2f} s and +{cold_mib:.0f} MiB compiling them into an empty cache (the first run after an install)"
+    )
 
 
 def table(rows: list[dict]) -> None:
@@ -470,6 +502,8 @@ def main() -> None:
     spec = machine()
     print(f"machine: {spec}")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min)")
+    if compiled_passes.available():
+        print(numba_load())
     rows = [row for n in args.sizes for impl in ("new", "old") for row in in_fresh_process(args, impl, n)]
     table(rows)
     if compiled_passes.available():

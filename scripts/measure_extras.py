@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTPUT = ROOT / "docs" / "figures" / "extras.json"
-EXTRAS = ["core", "app", "cli", "dev", "docs"]
+EXTRAS = ["core", "app", "cli", "fast", "dev", "docs"]
 TORCH_PIN = "torch==2.13.0"
 
 

@@ -69,6 +69,7 @@ def test_quick_sampler_benchmark_prints_every_row(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-4000:]
     lines = done.stdout.splitlines()
     assert lines[0].startswith("machine: ") and "cores; Python" in lines[0]
+    assert any(re.match(r"Numba kernels, once per process: \d+\.\d+ s", line) for line in lines)
     value = r"(?:-?\d+(?:\.\d+)?|-)"
     for mode in ("plain", "grouped", "max_tokens"):
         for ranks in (8, 64):  # new and old: ms per window, first batch, peak MiB
