@@ -1,6 +1,6 @@
 """Measure what each install extra brings: packages and disk of a fresh virtual environment per extra.
 
-For each of ``core`` (no extra), ``app``, ``cli``, ``dev`` and ``docs`` it creates a new venv in a temporary
+For each of ``core`` (no extra), ``app``, ``cli``, ``fast``, ``dev`` and ``docs`` it creates a new venv in a temporary
 folder, runs ``pip install torch==2.13.0 ".[extra]"`` (a regular, non-editable install of this checkout) and
 records the number of installed distributions (``pip list``, pip itself included) and the venv's size on disk
 (the sum of its files' sizes). It writes ``docs/figures/extras.json``; ``python scripts/refresh_figures.py``
@@ -8,7 +8,7 @@ puts the table into the README and docs/install.md. Footprints depend on the tor
 the Python version, both recorded.
 
     python scripts/measure_extras.py                 # all extras, a few minutes
-    python scripts/measure_extras.py --extras core app
+    python scripts/measure_extras.py --extras core app  # only these rows; the others are kept
 """
 
 from __future__ import annotations
@@ -75,6 +75,11 @@ def main() -> None:
         row = measure(extra, args.python)
         print(json.dumps(row), flush=True)
         rows.append(row)
+    # Extras not measured this time keep their rows (same Python and machine only), in EXTRAS order.
+    kept = json.loads(OUTPUT.read_text()) if OUTPUT.exists() else {}
+    if (kept.get("python"), kept.get("machine")) == (version, platform.machine()):
+        rows += [row for row in kept["rows"] if row["extra"] not in args.extras and row["extra"] in EXTRAS]
+    rows.sort(key=lambda row: EXTRAS.index(row["extra"]))
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     OUTPUT.write_text(json.dumps({"python": version, "machine": platform.machine(), "rows": rows}, indent=2) + "\n")
     print(f"wrote {OUTPUT.relative_to(ROOT)}; now run python scripts/refresh_figures.py", file=sys.stderr)
