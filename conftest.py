@@ -1,5 +1,6 @@
 """Collection settings for the whole checkout: the Numba kernels' module imports Numba (the `fast` extra)."""
 
-import importlib.util
-
-collect_ignore = [] if importlib.util.find_spec("numba") else ["lightning_accum/data/_pass_kernels.py"]
+try:
+    import numba  # noqa: F401
+except ImportError:
+    collect_ignore = ["lightning_accum/data/_pass_kernels.py"]
