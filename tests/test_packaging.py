@@ -7,14 +7,28 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 import lightning_accum
 
 ROOT = Path(__file__).resolve().parents[1]
-# Packages of the app, dev and docs extras; `pip install lightning-accum` brings none of them.
-EXTRAS_ONLY = ("hydra", "omegaconf", "hydra_plugins", "optuna", "submitit", "sklearn", "matplotlib", "tensorboard")
+# Packages of the app, fast, dev and docs extras; `pip install lightning-accum` brings none of them.
+EXTRAS_ONLY = (
+    "hydra",
+    "omegaconf",
+    "hydra_plugins",
+    "optuna",
+    "submitit",
+    "sklearn",
+    "matplotlib",
+    "tensorboard",
+    "numba",
+    "llvmlite",
+)
+# The one module that is the `fast` extra's own (the library imports it only when Numba is installed).
+FAST_ONLY = "lightning_accum.data._pass_kernels"
 
 IMPORT_ALL = """
 import importlib, sys, zipfile
@@ -23,6 +37,7 @@ before = set(sys.modules)
 sys.path.insert(0, sys.argv[1])  # the wheel itself, zip-imported
 names = [n[:-3].replace("/", ".").removesuffix(".__init__") for n in zipfile.ZipFile(sys.argv[1]).namelist()
          if n.endswith(".py")]
+names.remove(sys.argv[3])
 for name in names:
     module = importlib.import_module(name)
     assert module.__file__.startswith(sys.argv[1]), module.__file__
@@ -31,25 +46,58 @@ print(len(names), " ".join(sorted(added & set(sys.argv[2].split(",")))))
 """
 
 
-@pytest.mark.slow
-def test_wheel_holds_the_library_and_demos_and_imports_without_extras(tmp_path: Path) -> None:
-    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This checkout's wheel, built once for the module."""
+    folder = tmp_path_factory.mktemp("wheel")
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(folder)]
     subprocess.run([*build, str(ROOT)], check=True, capture_output=True, timeout=300)
-    (wheel,) = tmp_path.glob("lightning_accum-*.whl")
+    (built,) = folder.glob("lightning_accum-*.whl")
+    return built
+
+
+@pytest.mark.slow
+def test_wheel_holds_the_library_and_demos_and_imports_without_extras(wheel: Path) -> None:
     files = [name for name in zipfile.ZipFile(wheel).namelist() if name.endswith(".py")]
     assert {"lightning_accum/callback.py", "lightning_accum/demos/models.py"} <= set(files)
     assert "lightning_accum/py.typed" in zipfile.ZipFile(wheel).namelist()  # type checkers read the hints
     assert all(name.startswith("lightning_accum/") for name in files), files  # no app, no tests, no scripts
     proc = subprocess.run(
-        [sys.executable, "-c", IMPORT_ALL, str(wheel), ",".join(EXTRAS_ONLY)],
+        [sys.executable, "-c", IMPORT_ALL, str(wheel), ",".join(EXTRAS_ONLY), FAST_ONLY],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     imported, *extras = proc.stdout.split()
-    assert int(imported) == len(files)
+    assert int(imported) == len(files) - 1  # all but FAST_ONLY
     assert extras == [], f"importing the package pulls in extras: {extras}"
+
+
+ZIPPED_PASSES = """
+import sys
+sys.path.insert(0, sys.argv[1])  # the wheel itself, zip-imported: Numba has no folder to cache the kernels in
+from lightning_accum.data import compiled_passes
+from lightning_accum.data.grouping import length_groups
+assert compiled_passes.available() and compiled_passes.__file__.startswith(sys.argv[1])
+print(length_groups([5, 1, 5, 2, 9, 1, 3, 3], num_groups=4, max_tokens=12))  # needs the price search
+"""
+
+
+@pytest.mark.slow
+def test_compiled_passes_run_from_a_zipped_wheel(wheel: Path) -> None:
+    """Numba cannot cache the kernels of a zip-imported module; they compile in the process instead of failing."""
+    pytest.importorskip("numba")
+    proc = subprocess.run(
+        [sys.executable, "-c", ZIPPED_PASSES, str(wheel)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # padded: 3 * 2 + 3 * 3 + 2 * 5 ... the grouping of a Python-only run of the same window, computed here
+    from lightning_accum.data import grouping
+
+    with mock.patch.object(grouping, "compiled", lambda: False):
+        expected = grouping.length_groups([5, 1, 5, 2, 9, 1, 3, 3], num_groups=4, max_tokens=12)
+    assert proc.stdout.split("\n")[0] == str(expected)
 
 
 def test_the_version_has_one_source() -> None:

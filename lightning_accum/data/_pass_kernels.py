@@ -6,11 +6,25 @@ times ``scale``, plus the price's keys per run) and the run count (lowest; negat
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import numpy as np
 from numba import njit
 
+Function = TypeVar("Function", bound=Callable)
 
-@njit(cache=True, nogil=True)
+
+def _compiled(function: Function) -> Function:
+    """``function`` compiled without the GIL, its machine code cached beside this file (or in Numba's user-wide
+    cache); where no cache can be written, as in a zip-imported wheel, compiled afresh in each process."""
+    try:
+        return njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(nogil=True)(function)
+
+
+@_compiled
 def _negative(tokens: int, squares: int, starts: int, runs: int) -> bool:
     """Whether the keys, compared in order, are below zero."""
     if tokens != 0:
@@ -22,7 +36,7 @@ def _negative(tokens: int, squares: int, starts: int, runs: int) -> bool:
     return runs < 0
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 def priced_pass(
     lengths: np.ndarray,
     first_start: np.ndarray,
@@ -102,7 +116,7 @@ def priced_pass(
     return tokens, squares, starts_key, counts
 
 
-@njit(cache=True, nogil=True)
+@_compiled
 def read_back(
     lengths: np.ndarray,
     num_groups: int,
