@@ -2,22 +2,26 @@
 
 The grouping tests compare whole windows with the oracle; these compare the two pass implementations directly,
 at prices where two run counts are equally cheap (where ``most`` and the read-back's count bounds decide, which a
-whole window's search seldom reaches), and check the overflow guard that hands a pass back to Python.
+whole window's search seldom reaches), check the overflow guard that hands a pass back to Python, and that a
+Numba which does not import warns once and leaves the passes to Python.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
 
 import pytest
 
-from lightning_accum.data import compiled_passes, price_search
+from lightning_accum.data import compiled_passes, grouping, price_search
 from lightning_accum.data.priced_passes import priced_pass
 from lightning_accum.data.runs import Runs
 
-pytestmark = pytest.mark.skipif(
-    not compiled_passes.available(), reason="Numba is not installed: pip install -e '.[fast]'"
-)
+needs_numba = pytest.mark.skipif(not compiled_passes.available(), reason="no Numba: pip install -e '.[fast]'")
 
 
 def random_runs(rng: random.Random) -> Runs:
@@ -53,6 +57,7 @@ def random_price(rng: random.Random) -> int:
     return (tokens * 2**64 + squares) * 2**64 + starts
 
 
+@needs_numba
 def test_the_same_values_and_counts_at_every_price() -> None:
     rng = random.Random(3)
     ties = 0
@@ -70,6 +75,7 @@ def test_the_same_values_and_counts_at_every_price() -> None:
     assert ties >= 150, ties  # prices where the fewest and the most runs differ, so that ``most`` decides
 
 
+@needs_numba
 def test_the_same_read_back_between_the_fewest_and_the_most_runs() -> None:
     rng = random.Random(5)
     compared = 0
@@ -95,6 +101,7 @@ def test_the_same_read_back_between_the_fewest_and_the_most_runs() -> None:
     assert compared >= 150, compared
 
 
+@needs_numba
 def test_a_pass_that_could_overflow_runs_in_python() -> None:
     """A price whose squared-tokens digit times the samples leaves 64 bits: the guard refuses the compiled pass and
     the dispatch runs the Python one (the grouping tests' "mixed" engine covers such hand-overs inside a search)."""
@@ -105,7 +112,34 @@ def test_a_pass_that_could_overflow_runs_in_python() -> None:
     assert price_search._pass(runs, overflows, 1, most=False) == priced_pass(runs, overflows, 1, most=False)
 
 
+@needs_numba
 def test_wide_keys_fall_back_to_the_least_weights_when_a_key_would_not_fit_a_digit() -> None:
     runs = Runs([2**30] * 4, None, None, wide_keys=True)
     assert not runs.wide_keys and runs.square_weight == 4 * 4 + 1
     assert compiled_passes.compiled_pass(runs, runs.bound(), 1, most=False) is None
+
+
+BROKEN_NUMBA = """
+import warnings
+warnings.simplefilter("always")
+from lightning_accum.data.grouping import length_groups
+print(length_groups([5, 1, 5, 2, 9, 1, 3, 3], num_groups=4, max_tokens=12))  # needs the price search
+print(length_groups([9, 1, 9, 2, 9, 1, 3, 3], num_groups=4, max_tokens=18))
+"""
+
+
+def test_a_numba_that_does_not_import_warns_once_and_the_passes_run_in_python(tmp_path: Path) -> None:
+    """As when a Numba built for an older NumPy is installed: one warning that names the error and the fix."""
+    (tmp_path / "numba").mkdir()
+    (tmp_path / "numba" / "__init__.py").write_text('raise ImportError("Numba needs NumPy 2.0 or less")\n')
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", BROKEN_NUMBA], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("Numba is installed but does not import (Numba needs NumPy 2.0 or less)") == 1
+    assert "pip install -U numba" in proc.stderr
+    with mock.patch.object(grouping, "compiled", lambda: False):
+        expected = [
+            grouping.length_groups([5, 1, 5, 2, 9, 1, 3, 3], num_groups=4, max_tokens=12),
+            grouping.length_groups([9, 1, 9, 2, 9, 1, 3, 3], num_groups=4, max_tokens=18),
+        ]
+    assert proc.stdout.splitlines() == [str(groups) for groups in expected]

@@ -10,6 +10,8 @@ are bounded exactly (``_fits_int64``); a pass that could overflow runs in Python
 
 from __future__ import annotations
 
+import importlib.util
+import warnings
 from collections.abc import Sequence
 from functools import cache
 from types import ModuleType
@@ -25,10 +27,21 @@ _SAFE = 2**62  # every key of every value and difference stays below this, so no
 
 @cache
 def _kernels() -> ModuleType | None:
-    """The compiled kernels, or ``None`` without Numba (compiled at the first call, cached beside this file)."""
+    """The compiled kernels, or ``None`` without Numba (compiled at the first call, cached beside this file).
+
+    Numba installed but failing to import (e.g. built for another NumPy) warns once, naming the error.
+    """
     try:
         from lightning_accum.data import _pass_kernels
-    except ImportError:
+    except ImportError as error:
+        if importlib.util.find_spec("numba") is not None:
+            warnings.warn(
+                f"Numba is installed but does not import ({error}); length-grouped windows are cut by the passes "
+                "in Python, the same groups but tens of times slower under max_tokens. Install a Numba that "
+                "matches this NumPy (pip install -U numba).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return None
     return _pass_kernels
 
