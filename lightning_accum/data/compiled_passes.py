@@ -66,7 +66,18 @@ class FoldedValues(Sequence[int]):
 
 
 def compiled_pass(runs: Runs, price: int, scale: int, most: bool) -> PricedPass | None:
-    """``priced_pass`` compiled, or ``None`` when it cannot run: no Numba, narrow keys, or a risk of overflow."""
+    """``priced_pass`` compiled, or ``None`` when it cannot run: no Numba, narrow keys, or a risk of overflow.
+
+    Examples:
+        >>> from lightning_accum.data.priced_passes import priced_pass
+        >>> runs = Runs([1, 1, 2, 5, 5, 9], max_samples=None, max_tokens=10, wide_keys=True)
+        >>> compiled = compiled_pass(runs, 7 * runs.padding_weight, 1, most=False)  # 7 padded tokens a run
+        >>> python = priced_pass(runs, 7 * runs.padding_weight, 1, most=False)
+        >>> python.counts  # the fewest runs of each prefix's cheapest grouping
+        [0, 1, 1, 1, 2, 2, 3]
+        >>> compiled is None or (list(compiled.values), list(compiled.counts)) == (python.values, python.counts)
+        True
+    """
     kernels = _kernels()
     if kernels is None or not runs.wide_keys:
         return None
