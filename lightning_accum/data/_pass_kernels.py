@@ -1,42 +1,17 @@
-"""Numba kernels of ``compiled_passes``: importing this module fails without Numba.
+"""The kernels that ``compiled_passes`` compiles with Numba: plain Python over NumPy arrays of 64-bit integers.
 
-Each value is four 64-bit keys compared in order: padded tokens, squared padded tokens, the start term (all three
-times ``scale``, plus the price's keys per run) and the run count (lowest; negated to prefer the most runs).
+Each value is four keys compared in order: padded tokens, squared padded tokens, the start term (all three times
+``scale``, plus the price's keys per run) and the run count (lowest; negated to prefer the most runs). The
+functions call no other function of this module (a compiled function can call only compiled ones), so the
+comparison of keys is written out where it is needed. This module needs only NumPy: importing it does not
+import Numba.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
-
 import numpy as np
-from numba import njit
-
-Function = TypeVar("Function", bound=Callable)
 
 
-def _compiled(function: Function) -> Function:
-    """``function`` compiled without the GIL, its machine code cached beside this file (or in Numba's user-wide
-    cache); where no cache can be written, as in a zip-imported wheel, compiled afresh in each process."""
-    try:
-        return njit(cache=True, nogil=True)(function)
-    except RuntimeError:  # "cannot cache function ...: no locator available"
-        return njit(nogil=True)(function)
-
-
-@_compiled
-def _negative(tokens: int, squares: int, starts: int, runs: int) -> bool:
-    """Whether the keys, compared in order, are below zero."""
-    if tokens != 0:
-        return tokens < 0
-    if squares != 0:
-        return squares < 0
-    if starts != 0:
-        return starts < 0
-    return runs < 0
-
-
-@_compiled
 def priced_pass(
     lengths: np.ndarray,
     first_start: np.ndarray,
@@ -76,11 +51,16 @@ def priced_pass(
             gap = end - older
             if older >= first_start[at]:
                 length = lengths[at - 1]
-                if _negative(
-                    tokens[older] - tokens[end] + scale * length * gap,
-                    squares[older] - squares[end] + scale * length * length * gap * (2 * at - older - end),
-                    starts_key[older] - starts_key[end] + scale * gap,
-                    tie * (counts[older] - counts[end]),
+                tokens_apart = tokens[older] - tokens[end] + scale * length * gap
+                squares_apart = squares[older] - squares[end] + scale * length * length * gap * (2 * at - older - end)
+                starts_apart = starts_key[older] - starts_key[end] + scale * gap
+                runs_apart = tie * (counts[older] - counts[end])
+                if tokens_apart < 0 or (  # the older start is strictly cheaper there: keep it
+                    tokens_apart == 0
+                    and (
+                        squares_apart < 0
+                        or (squares_apart == 0 and (starts_apart < 0 or (starts_apart == 0 and runs_apart < 0)))
+                    )
                 ):
                     break
             top -= 1
@@ -100,11 +80,14 @@ def priced_pass(
         while high - low > 1:  # the first end where the new start wins
             middle = (low + high) // 2
             length = lengths[middle - 1]
-            if _negative(
-                tokens_apart + scale * length * gap,
-                squares_apart + scale * length * length * gap * (2 * middle - older - end),
-                starts_apart,
-                runs_apart,
+            tokens_there = tokens_apart + scale * length * gap
+            squares_there = squares_apart + scale * length * length * gap * (2 * middle - older - end)
+            if tokens_there < 0 or (  # the older start is still strictly cheaper at this end
+                tokens_there == 0
+                and (
+                    squares_there < 0
+                    or (squares_there == 0 and (starts_apart < 0 or (starts_apart == 0 and runs_apart < 0)))
+                )
             ):
                 low = middle
             else:
@@ -116,7 +99,6 @@ def priced_pass(
     return tokens, squares, starts_key, counts
 
 
-@_compiled
 def read_back(
     lengths: np.ndarray,
     num_groups: int,

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import importlib.util
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
-from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 
+from lightning_accum.data import _pass_kernels
 from lightning_accum.data.priced_passes import PricedPass
 from lightning_accum.data.runs import Runs
 
@@ -25,14 +26,23 @@ _DIGIT = 2**64
 _SAFE = 2**62  # every key of every value and difference stays below this, so no 64-bit sum overflows
 
 
-@cache
-def _kernels() -> ModuleType | None:
-    """The compiled kernels, or ``None`` without Numba (compiled at the first call, cached beside this file).
+class Kernels(NamedTuple):
+    """``_pass_kernels``' functions, compiled."""
 
-    Numba installed but failing to import (e.g. built for another NumPy) warns once, naming the error.
+    priced_pass: Callable
+    read_back: Callable
+
+
+@cache
+def _kernels() -> Kernels | None:
+    """The kernels compiled with Numba (at their first call; the machine code cached beside ``_pass_kernels``, or
+    in Numba's user-wide cache), or ``None`` without Numba.
+
+    Where no cache can be written, as for a zip-imported wheel, they compile afresh in each process. Numba
+    installed but failing to import (e.g. built for another NumPy) warns once, naming the error.
     """
     try:
-        from lightning_accum.data import _pass_kernels
+        from numba import njit
     except ImportError as error:
         if importlib.util.find_spec("numba") is not None:
             warnings.warn(
@@ -43,7 +53,14 @@ def _kernels() -> ModuleType | None:
                 stacklevel=2,
             )
         return None
-    return _pass_kernels
+
+    def compiled(function: Callable) -> Callable:
+        try:
+            return njit(cache=True, nogil=True)(function)
+        except RuntimeError:  # "cannot cache function ...: no locator available"
+            return njit(nogil=True)(function)
+
+    return Kernels(compiled(_pass_kernels.priced_pass), compiled(_pass_kernels.read_back))
 
 
 def available() -> bool:
