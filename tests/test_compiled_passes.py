@@ -128,6 +128,7 @@ print(length_groups([9, 1, 9, 2, 9, 1, 3, 3], num_groups=4, max_tokens=18))
 """
 
 
+@pytest.mark.slow
 def test_a_numba_that_does_not_import_warns_once_and_the_passes_run_in_python(tmp_path: Path) -> None:
     """As when a Numba built for an older NumPy is installed: one warning that names the error and the fix."""
     (tmp_path / "numba").mkdir()
