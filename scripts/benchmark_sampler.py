@@ -202,7 +202,7 @@ def run_worker(implementation: str, n: int, ranks_list: list[int], windows: int,
     if implementation == "python":  # the sampler as it is, without Numba: the passes in Python
         grouping_module.compiled = lambda: False
     elif implementation == "new":  # once per process, before the first window: printed apart (numba_load)
-        grouping_module.length_groups(np.arange(1, 9), 3)
+        load_kernels()
     for mode in MODES:
         for ranks in ranks_list:
             k, b = SPLITS[ranks]
@@ -309,8 +309,7 @@ def step_share(mode: str, workers: int, steps: int, step_seconds: float) -> tupl
     options = {} if mode == "plain" else {"lengths": lengths_of(n)}
     if mode == "max_tokens":
         options["max_tokens"] = LONGEST * b
-    # Steady state: the compiled passes loaded (once per process; the table's first-batch column shows that cost).
-    next(iter(GlobalBatchSampler(256, 2, 2, num_replicas=8, rank=0, seed=1, **options | {"lengths": lengths_of(256)})))
+    load_kernels()  # steady state: the one-time load is printed apart (numba_load)
     timed = TimedBatches(GlobalBatchSampler(n, b, k, num_replicas=64, rank=0, seed=0, **options))
     loader = DataLoader(range(n), batch_sampler=timed, num_workers=workers, collate_fn=len)
     start = time.perf_counter()
@@ -336,6 +335,11 @@ def patched(module: object, name: str, value: object) -> Iterator[None]:
         yield
     finally:
         setattr(module, name, saved)
+
+
+def load_kernels() -> None:
+    """Cut a window that needs the price search, so that Numba's kernels load (or compile) before any timing."""
+    grouping_module.length_groups(np.arange(1, 9), 3)
 
 
 NUMBA_LOAD = """
@@ -502,11 +506,12 @@ def main() -> None:
     spec = machine()
     print(f"machine: {spec}")
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())} (1, 5, 15 min)")
-    if compiled_passes.available():
+    fast = compiled_passes.available()
+    if fast:
         print(numba_load())
     rows = [row for n in args.sizes for impl in ("new", "old") for row in in_fresh_process(args, impl, n)]
     table(rows)
-    if compiled_passes.available():
+    if fast:
         without_numba(args, rows)
     if not args.quick:
         print("\nboth cores busy (two processes multiplying 512 x 512 matrices on one thread each), 1e5 samples:")

@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -57,21 +58,25 @@ def random_price(rng: random.Random) -> int:
     return (tokens * 2**64 + squares) * 2**64 + starts
 
 
+def fitting_runs(rng: random.Random, windows: int) -> Iterator[Runs]:
+    """The windows among ``windows`` random ones in which every sample fits some run."""
+    for _ in range(windows):
+        runs = random_runs(rng)
+        if not runs.fits_nowhere():
+            yield runs
+
+
 @needs_numba
 def test_the_same_values_and_counts_at_every_price() -> None:
     rng = random.Random(3)
     ties = 0
-    for _ in range(600):
-        runs = random_runs(rng)
-        if runs.fits_nowhere():
-            continue
+    for runs in fitting_runs(rng, 600):
         price, scale = tie_price(runs, rng) if rng.random() < 0.7 else (random_price(rng), rng.randint(1, 9))
-        for most in (False, True):
+        python = {most: priced_pass(runs, price, scale, most) for most in (False, True)}
+        for most, expected in python.items():
             compiled = compiled_passes.compiled_pass(runs, price, scale, most)
-            python = priced_pass(runs, price, scale, most)
-            assert list(compiled.values) == python.values and compiled.counts.tolist() == python.counts
-        fewest = priced_pass(runs, price, scale, False).counts[runs.size]
-        ties += priced_pass(runs, price, scale, True).counts[runs.size] > fewest
+            assert list(compiled.values) == expected.values and compiled.counts.tolist() == expected.counts
+        ties += python[True].counts[runs.size] > python[False].counts[runs.size]
     assert ties >= 150, ties  # prices where the fewest and the most runs differ, so that ``most`` decides
 
 
@@ -79,25 +84,15 @@ def test_the_same_values_and_counts_at_every_price() -> None:
 def test_the_same_read_back_between_the_fewest_and_the_most_runs() -> None:
     rng = random.Random(5)
     compared = 0
-    for _ in range(600):
-        runs = random_runs(rng)
-        if runs.fits_nowhere():
-            continue
+    for runs in fitting_runs(rng, 600):
         price, scale = tie_price(runs, rng)
-        low = compiled_passes.compiled_pass(runs, price, scale, most=False)
-        high = compiled_passes.compiled_pass(runs, price, scale, most=True)
+        low, high = (compiled_passes.compiled_pass(runs, price, scale, most) for most in (False, True))
+        python_low, python_high = (priced_pass(runs, price, scale, most) for most in (False, True))
         n = runs.size
         for groups in range(int(low.counts[n]), int(high.counts[n]) + 1):
-            python = price_search._read_back(
-                runs,
-                groups,
-                price,
-                scale,
-                priced_pass(runs, price, scale, most=False),
-                priced_pass(runs, price, scale, most=True),
-            )
+            python = price_search._read_back(runs, groups, price, scale, python_low, python_high)
             assert compiled_passes.compiled_read_back(runs, groups, price, scale, low, high) == python
-            compared += low.counts[n] < groups < high.counts[n] or low.counts[n] != high.counts[n]
+            compared += low.counts[n] != high.counts[n]
     assert compared >= 150, compared
 
 

@@ -91,7 +91,7 @@ def test_realistic_windows_match_the_dynamic_programme() -> None:
         groups = r * math.ceil(size / (r * b))
         budget = rng.choice([None, max(window) * rng.randint(1, b), 400 * b])
         oracle = solve(window, groups, b if budget is None else None, budget, oracle=True)
-        for engine in ("python", "compiled")[: len(HERE)]:
+        for engine in (engine for engine in ("python", "compiled") if engine in HERE):
             with passes_run(engine):
                 ours = solve(window, groups, b if budget is None else None, budget)
             mismatches += ours != oracle

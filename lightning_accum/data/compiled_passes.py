@@ -20,9 +20,8 @@ import numpy as np
 
 from lightning_accum.data import _pass_kernels
 from lightning_accum.data.priced_passes import PricedPass
-from lightning_accum.data.runs import Runs
+from lightning_accum.data.runs import WIDE_DIGIT, Runs
 
-_DIGIT = 2**64
 _SAFE = 2**62  # every key of every value and difference stays below this, so no 64-bit sum overflows
 
 
@@ -79,7 +78,7 @@ class FoldedValues(Sequence[int]):
 
     def __getitem__(self, index: int) -> int:  # type: ignore[override]
         tokens, squares, starts = (int(key[index]) for key in self.keys)
-        return (tokens * _DIGIT + squares) * _DIGIT + starts
+        return (tokens * WIDE_DIGIT + squares) * WIDE_DIGIT + starts
 
 
 def compiled_pass(runs: Runs, price: int, scale: int, most: bool) -> PricedPass | None:
@@ -122,9 +121,9 @@ def _digits(value: int) -> tuple[int, int, int]:
     """``value`` as three balanced base-2**64 digits ``(a, b, c)``: ``value == (a * 2**64 + b) * 2**64 + c``."""
     low_digits = []
     for _ in range(2):
-        digit = (value + _DIGIT // 2) % _DIGIT - _DIGIT // 2
+        digit = (value + WIDE_DIGIT // 2) % WIDE_DIGIT - WIDE_DIGIT // 2
         low_digits.append(digit)
-        value = (value - digit) // _DIGIT
+        value = (value - digit) // WIDE_DIGIT
     return value, low_digits[1], low_digits[0]
 
 

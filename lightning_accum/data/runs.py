@@ -17,6 +17,9 @@ from functools import cached_property
 
 import numpy as np
 
+# The base in which ``wide_keys`` fold the keys: each key one 64-bit digit of the weight.
+WIDE_DIGIT = 2**64
+
 
 class Runs:
     """The runs of ascending ``lengths`` that hold at most ``max_samples`` samples and ``max_tokens`` padded tokens.
@@ -61,7 +64,7 @@ class Runs:
         # Wide keys need each key's whole range inside one 64-bit digit: squares up to n * longest * widest.
         self.wide_keys = wide_keys and max(n * self.longest * self.widest_padded, n * n) < 2**62
         if self.wide_keys:
-            self.square_weight, self.padding_weight = 2**64, 2**128
+            self.square_weight, self.padding_weight = WIDE_DIGIT, WIDE_DIGIT**2
         else:  # the start term ranges over less than n * n + 1, the weighted squares over less than the padding's
             self.square_weight = n * n + 1
             self.padding_weight = self.square_weight * ((n * self.longest) ** 2 + 1)
